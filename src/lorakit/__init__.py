@@ -1,0 +1,29 @@
+"""lorakit: parameter-efficient fine-tuning for PyTorch (LoRA, LoRA+, QLoRA/NF4, DoRA, VeRA) in PEFT's format."""
+
+from .config import LoraConfig, VeraConfig
+from .layer import AdaptedLinear, Adapter
+from .model import (
+    ParameterCount,
+    adapt,
+    adapted_layers,
+    adapter_configs,
+    delete_adapter,
+    disable_adapters,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .optim import create_loraplus_optimizer, loraplus_param_groups
+from .peft_format import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptedLinear", "Adapter", "LoraConfig", "ParameterCount", "VeraConfig", "adapt", "adapted_layers",
+    "adapter_configs", "adapter_state_dict", "create_loraplus_optimizer", "delete_adapter", "disable_adapters",
+    "load_adapter", "loraplus_param_groups", "merge", "merge_and_unload", "read_adapter_config", "save_adapter",
+    "set_adapter", "trainable_parameters", "unload", "unmerge",
+]

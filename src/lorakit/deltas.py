@@ -1,0 +1,108 @@
+"""Low-rank weight updates ΔW = up · down, independent of the base layer they sit on.
+
+- LoRA (Hu et al. 2021, §4.1): ΔW = B·A, A [r, in] kaiming-uniform (or N(0, 1/r)), B [out, r] zeros, so ΔW = 0 at init.
+- VeRA (Kopiczko et al. 2024, §3.1): ΔW = diag(λ_b)·B_s·diag(λ_d)·A_s with A_s [r, in] and B_s [out, r] frozen random
+  projections shared by every layer (sliced from one pair sized to the largest layer), λ_b = 0 and λ_d = d_initial.
+
+Every delta offers the same three operations: `forward(x, scale)` = scale·ΔW·x computed through the rank-r bottleneck,
+`factors()` = (down [r, in], up [out, r]) with ΔW = up·down, and `delta_weight()` = ΔW [out, in] for merging.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LoRADelta(nn.Module):
+    """ΔW = lora_B · lora_A, PEFT's parameter names and layouts."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, init: bool | str = True) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(r, in_features))  # [r, in]
+        self.lora_B = nn.Parameter(torch.empty(out_features, r))  # [out, r]
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: bool | str = True) -> None:
+        r = self.lora_A.shape[0]
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init is False:  # both random: a non-identity start, used to test merging
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, x: Tensor, scale: float) -> Tensor:
+        # x [..., in] -> [..., r] -> [..., out]
+        return F.linear(F.linear(x, self.lora_A) * scale, self.lora_B)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_A, self.lora_B
+
+    def delta_weight(self) -> Tensor:
+        return self.lora_B @ self.lora_A  # [out, in]
+
+
+def kaiming_uniform_like_peft(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
+    """U(-b, b) with b = √3·√2/√fan_in, fan_in = shape[1], drawn from `generator` (VeRA's projection init)."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class VeRAProjections(nn.Module):
+    """The frozen pair shared by every VeRA layer of one adapter, regenerable from `projection_prng_key`.
+
+    Buffers are non-persistent: the model's state dict does not repeat them under every layer; the adapter file
+    carries them once (`save_projection=True`) or only the seed.
+    """
+
+    def __init__(self, r: int, max_in: int, max_out: int, projection_prng_key: int) -> None:
+        super().__init__()
+        generator = torch.Generator(device="cpu").manual_seed(projection_prng_key)
+        self.register_buffer("vera_A", kaiming_uniform_like_peft((r, max_in), generator), persistent=False)  # [r, max_in]
+        self.register_buffer("vera_B", kaiming_uniform_like_peft((max_out, r), generator), persistent=False)  # [max_out, r]
+
+
+class VeRADelta(nn.Module):
+    """ΔW = diag(vera_lambda_b)·B_s[:out]·diag(vera_lambda_d)·A_s[:, :in]."""
+
+    def __init__(self, in_features: int, out_features: int, projections: VeRAProjections, d_initial: float) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.projections = projections
+        r = projections.vera_A.shape[0]
+        self.vera_lambda_b = nn.Parameter(torch.zeros(out_features))  # [out]
+        self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial)))  # [r]
+
+    @property
+    def r(self) -> int:
+        return self.vera_lambda_d.shape[0]
+
+    def _projections(self) -> tuple[Tensor, Tensor]:
+        a = self.projections.vera_A[:, : self.in_features]  # [r, in]
+        b = self.projections.vera_B[: self.out_features]  # [out, r]
+        return a.to(self.vera_lambda_d.dtype), b.to(self.vera_lambda_b.dtype)
+
+    def forward(self, x: Tensor, scale: float) -> Tensor:
+        a, b = self._projections()
+        hidden = F.linear(x, a) * self.vera_lambda_d  # [..., r]
+        out = F.linear(hidden, b) * self.vera_lambda_b  # [..., out]
+        return out * scale if scale != 1.0 else out
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        a, b = self._projections()
+        return self.vera_lambda_d[:, None] * a, self.vera_lambda_b[:, None] * b
+
+    def delta_weight(self) -> Tensor:
+        down, up = self.factors()
+        return up @ down  # [out, in]

@@ -1,0 +1,217 @@
+"""AdaptedLinear: a frozen base layer plus named adapters whose updates add to its output.
+
+For a base computing W·x + b (W [out, in]) and an active adapter with update ΔW = up·down and scaling s:
+- LoRA / VeRA:  y = W·x + b + s·ΔW·x_d,  x_d = dropout(x)                                   (Hu et al. 2021, eq. 3)
+- DoRA:         y = (m/n)·(W + s·ΔW)·x_d + b-terms, n = ‖W + s·ΔW‖ per output row, detached (Liu et al. 2024, §4.3),
+  computed as  y = W·x + b + (m/n − 1)·W·x_d + (m/n)·s·ΔW·x_d;  with no dropout x_d = x and W·x is the base output,
+  so no second matmul is needed. n² = ‖W_i‖² + 2s·⟨up_i, (W·downᵀ)_i⟩ + s²·up_i·(down·downᵀ)·up_iᵀ never builds W + sΔW.
+
+The base is any frozen *weight provider*: nn.Linear, Hugging Face Conv1D (weight stored [in, out]) or a module with
+`in_features`, `out_features` and `dense_weight()` (NF4Linear). Adapters never look at which.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .deltas import LoRADelta, VeRADelta
+from .targets import conv1d_class
+
+Delta = LoRADelta | VeRADelta
+
+
+def is_weight_provider(module: nn.Module) -> bool:
+    """A module that is not an nn.Linear but offers the frozen base interface (e.g. NF4Linear)."""
+    return all(hasattr(module, attr) for attr in ("in_features", "out_features", "dense_weight"))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    conv1d = conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def base_dims(base: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a base layer."""
+    if is_conv1d(base):
+        in_features, out_features = base.weight.shape
+        return out_features, in_features
+    return base.out_features, base.in_features
+
+
+def dense_weight(base: nn.Module) -> Tensor:
+    """The base weight as [out, in] (a view for dense layers, a dequantized copy for providers)."""
+    if isinstance(base, nn.Linear):
+        return base.weight
+    if is_conv1d(base):
+        return base.weight.T
+    return base.dense_weight()
+
+
+def base_bias(base: nn.Module) -> Tensor | None:
+    return getattr(base, "bias", None)
+
+
+class Adapter(nn.Module):
+    """One adapter's state in one layer: its delta, dropout, scaling and (DoRA) magnitude vector."""
+
+    def __init__(self, delta: Delta, scaling: float, dropout: float, magnitude: Tensor | None = None) -> None:
+        super().__init__()
+        self.delta = delta
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_magnitude_vector = None if magnitude is None else nn.Parameter(magnitude)  # [out]
+        self.register_buffer("merged_norm", None, persistent=False)  # [out]: DoRA's n at merge time, for unmerge
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.delta.parameters()).dtype
+
+    def delta_weight(self) -> Tensor:
+        """s·ΔW [out, in]."""
+        return self.delta.delta_weight() * self.scaling
+
+    @torch.no_grad()
+    def weight_norm(self, layer: "AdaptedLinear") -> Tensor:
+        """n = ‖W + s·ΔW‖ per output row [out], without forming W + s·ΔW; detached by construction."""
+        down, up = (t.float() for t in self.delta.factors())  # [r, in], [out, r]
+        w_down = layer.project_base(down).float()  # [out, r] = W·downᵀ
+        s = self.scaling
+        gram = down @ down.T  # [r, r]
+        norm_sq = layer.weight_row_norm_sq() + 2 * s * (up * w_down).sum(1) + s * s * ((up @ gram) * up).sum(1)
+        return norm_sq.clamp_min(0).sqrt()
+
+    def update(self, x: Tensor, base_out: Tensor, layer: "AdaptedLinear") -> Tensor:
+        """What this adapter adds to the base output, in the adapter's dtype: [..., out]."""
+        x = x.to(self.dtype)
+        x_d = self.dropout(x)
+        lora = self.delta(x_d, self.scaling)  # [..., out]
+        if not self.use_dora:
+            return lora
+        ratio = self.lora_magnitude_vector / self.weight_norm(layer)  # [out]; norm detached (DoRA §4.3)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = layer.bias
+            w_x = base_out.to(self.dtype) - (bias.to(self.dtype) if bias is not None else 0)  # reuse W·x
+        else:
+            w_x = F.linear(x_d, dense_weight(layer.base_layer).to(self.dtype))  # W·x_d
+        return (ratio - 1) * w_x + ratio * lora
+
+    def merged_weight(self, weight: Tensor, layer: "AdaptedLinear") -> Tensor:
+        """W with this adapter folded in (float32 math); remembers DoRA's norm for an exact unmerge."""
+        w = weight.float()
+        delta = self.delta_weight().float()
+        if not self.use_dora:
+            return w + delta
+        norm = self.weight_norm(layer)
+        self.merged_norm = norm
+        return (self.lora_magnitude_vector.float() / norm)[:, None] * (w + delta)
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        """Inverse of merged_weight."""
+        w = weight.float()
+        delta = self.delta_weight().float()
+        if not self.use_dora:
+            return w - delta
+        w = w * (self.merged_norm / self.lora_magnitude_vector.float())[:, None]
+        self.merged_norm = None
+        return w - delta
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen base layer and a ModuleDict of adapters; `active` adapters add their updates, `merged` ones are in W."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.out_features, self.in_features = base_dims(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.register_buffer("row_norm_sq", None, persistent=False)  # [out] ‖W_i‖², cached; cleared when W changes
+
+    @property
+    def bias(self) -> Tensor | None:
+        return base_bias(self.base_layer)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight [out, in] (dequantized for quantized bases)."""
+        return dense_weight(self.base_layer)
+
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists in this layer; delete it first or choose another name")
+        self.adapters[name] = adapter
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        base_out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return base_out
+        updates = [self.adapters[n].update(x, base_out, self) for n in self.active if n not in self.merged]
+        if not updates:
+            return base_out
+        total = updates[0]
+        for more in updates[1:]:
+            total = total + more
+        return base_out + total.to(base_out.dtype)
+
+    @torch.no_grad()
+    def project_base(self, rows: Tensor) -> Tensor:
+        """W·rowsᵀ for rows [k, in]: [out, k], through the base layer itself (no dense copy for quantized bases)."""
+        out = self.base_layer(rows.to(self._compute_dtype()))  # [k, out]
+        bias = self.bias
+        if bias is not None:
+            out = out - bias.to(out.dtype)
+        return out.T
+
+    def _compute_dtype(self) -> torch.dtype:
+        return getattr(self.base_layer, "compute_dtype", None) or dense_weight(self.base_layer).dtype
+
+    @torch.no_grad()
+    def weight_row_norm_sq(self) -> Tensor:
+        if self.row_norm_sq is None:
+            self.row_norm_sq = self.weight.float().pow(2).sum(1)
+        return self.row_norm_sq
+
+    # Merging -----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weight; dense bases only."""
+        for name in names if names is not None else list(self.active):
+            if name in self.merged:
+                continue
+            new = self.adapters[name].merged_weight(self.weight, self)
+            if safe_merge and not torch.isfinite(new).all():
+                self.adapters[name].merged_norm = None
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the layer is left unchanged")
+            self._write_weight(new)
+            self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take merged adapters back out of W, last merged first."""
+        while self.merged:
+            name = self.merged.pop()
+            self._write_weight(self.adapters[name].unmerged_weight(self.weight))
+
+    def _write_weight(self, weight: Tensor) -> None:
+        base = self.base_layer
+        if not isinstance(base, nn.Linear) and not self.fan_in_fan_out:
+            raise TypeError(
+                f"cannot merge into a {type(base).__name__} base in place (it would round the update away); "
+                "use lorakit.merge_and_unload(model, dtype=...) to export a dense model"
+            )
+        target = base.weight.T if self.fan_in_fan_out else base.weight
+        target.copy_(weight.to(target.dtype))
+        self.row_norm_sq = None
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, active={self.active}, merged={self.merged}"

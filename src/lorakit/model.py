@@ -1,0 +1,308 @@
+"""Model-level operations: inject adapters, choose which run, merge them in, take them out.
+
+`adapt(model, config)` replaces every targeted linear layer in place by an `AdaptedLinear` around it (module paths
+stay the model's own, so PEFT's file keys line up) and freezes everything that is not trained. All other operations
+walk the same AdaptedLinear layers; nothing here knows which method or which base a layer holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, LoraConfig, VeraConfig
+from .deltas import LoRADelta, VeRADelta, VeRAProjections
+from .layer import Adapter, AdaptedLinear, base_dims, dense_weight, is_weight_provider
+from .saved_modules import ModulesToSave
+from .targets import find_targets, matches
+
+CONFIGS_ATTR = "lorakit_configs"
+
+
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """The configs of the adapters in `model`, by adapter name (empty for a plain model)."""
+    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            yield name, module
+
+
+def saved_module_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def _wrap(model: nn.Module, path: str) -> AdaptedLinear:
+    module = model.get_submodule(path)
+    if isinstance(module, AdaptedLinear):
+        return module
+    layer = AdaptedLinear(module)
+    _replace(model, path, layer)
+    return layer
+
+
+def _device(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers())
+    return tensor.device
+
+
+def _make_adapters(config: AdapterConfig, layers: dict[str, AdaptedLinear]) -> dict[str, Adapter]:
+    """One Adapter per layer, float32 on the layer's device (adapters train in full precision on any base)."""
+    projections = None
+    if isinstance(config, VeraConfig):
+        max_out = max(layer.out_features for layer in layers.values())
+        max_in = max(layer.in_features for layer in layers.values())
+        projections = VeRAProjections(config.r, max_in, max_out, config.projection_prng_key)
+    adapters = {}
+    for path, layer in layers.items():
+        device = _device(layer.base_layer)
+        if isinstance(config, LoraConfig):
+            delta = LoRADelta(layer.in_features, layer.out_features, config.rank_for(path), config.init_lora_weights)
+            adapter = Adapter(delta.to(device), config.scaling_for(path), config.lora_dropout)
+            if config.use_dora:
+                adapter.lora_magnitude_vector = nn.Parameter(adapter.weight_norm(layer).clone())
+        else:
+            delta = VeRADelta(layer.in_features, layer.out_features, projections, config.d_initial)
+            adapter = Adapter(delta.to(device), 1.0, config.vera_dropout)
+        adapters[path] = adapter
+    return adapters
+
+
+def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
+    """Add adapter `adapter_name` to every layer `config` targets, make it the active one, freeze the rest.
+
+    Adapting again with another name adds a second adapter to the same wrappers (never a wrapper in a wrapper).
+    """
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it or choose another name")
+    if not adapter_name or "." in adapter_name or adapter_name == "__base__":
+        raise ValueError(f"invalid adapter name {adapter_name!r}")
+    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    layers = {path: _wrap(model, path) for path in targets}
+    for path, adapter in _make_adapters(config, layers).items():
+        layers[path].add_adapter(adapter_name, adapter)
+    for path in _modules_to_save_paths(model, config):
+        wrapper = model.get_submodule(path)
+        if not isinstance(wrapper, ModulesToSave):
+            wrapper = ModulesToSave(wrapper)
+            _replace(model, path, wrapper)
+        wrapper.add_copy(adapter_name)
+    if any(layer.fan_in_fan_out for layer in layers.values()):
+        config = config.replace(fan_in_fan_out=True)
+    configs[adapter_name] = config
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _modules_to_save_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    wrappers = [name + "." for name, _ in saved_module_wrappers(model)]
+    paths = [
+        name for name, _ in model.named_modules()
+        if name and matches(name, config.modules_to_save) and not any(name.startswith(w) for w in wrappers)
+    ]
+    missing = [key for key in config.modules_to_save if not any(matches(p, (key,)) for p in paths)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
+    return paths
+
+
+def set_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Make `names` the active adapters (their updates add up) and the only trainable parameters."""
+    names = [names] if isinstance(names, str) else list(names)
+    configs = adapter_configs(model)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(configs)}")
+    for _, layer in adapted_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+    with_copies = [n for n in names if configs[n].modules_to_save]
+    if len(with_copies) > 1:
+        raise ValueError(f"adapters {with_copies} each train their own modules_to_save; only one can be active")
+    for _, wrapper in saved_module_wrappers(model):
+        wrapper.active = next((n for n in with_copies if n in wrapper.copies), None)
+    _set_trainable(model, names)
+
+
+def _set_trainable(model: nn.Module, names: list[str]) -> None:
+    """Freeze everything, then unfreeze the active adapters, their module copies and the biases their configs train."""
+    configs = adapter_configs(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    bias_modes = {configs[n].bias for n in names}
+    if "all" in bias_modes:
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("bias"):
+                param.requires_grad_(True)
+    for _, layer in adapted_layers(model):
+        for name in layer.active:
+            layer.adapters[name].requires_grad_(True)
+        if "lora_only" in bias_modes and layer.active and layer.bias is not None:
+            layer.bias.requires_grad_(True)
+    for _, wrapper in saved_module_wrappers(model):
+        if wrapper.active is not None:
+            wrapper.copies[wrapper.active].requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` everywhere; layers left with no adapter go back to their plain base layer."""
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise ValueError(f"unknown adapter {name!r}; this model has {sorted(configs)}")
+    for path, layer in list(adapted_layers(model)):
+        if name in layer.merged:
+            raise ValueError(f"adapter {name!r} is merged into {path}; unmerge() first")
+        if name in layer.adapters:
+            del layer.adapters[name]
+            layer.active = [n for n in layer.active if n != name]
+        if not layer.adapters:
+            _replace(model, path, layer.base_layer)
+    for path, wrapper in list(saved_module_wrappers(model)):
+        if name in wrapper.copies:
+            del wrapper.copies[name]
+            wrapper.active = None if wrapper.active == name else wrapper.active
+        if not wrapper.copies:
+            _replace(model, path, wrapper.original_module)
+    del configs[name]
+    remaining = [n for n in configs if any(n in layer.active for _, layer in adapted_layers(model))]
+    _set_trainable(model, remaining)
+
+
+def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    """Fold adapters (default: the active ones) into dense base weights; the forward then costs nothing extra.
+
+    With safe_merge, a merge that would write a non-finite weight is undone everywhere and raises.
+    """
+    done: list[AdaptedLinear] = []
+    try:
+        for _, layer in adapted_layers(model):
+            layer.merge([n for n in adapter_names if n in layer.adapters] if adapter_names else None, safe_merge)
+            done.append(layer)
+    except ValueError:
+        for layer in done:
+            layer.unmerge()
+        raise
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take every merged adapter back out of the base weights."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (merged adapters are unmerged for it and merged back after)."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    wrappers = [wrapper for _, wrapper in saved_module_wrappers(model)]
+    merged = {id(layer): list(layer.merged) for layer in layers}
+    for layer in layers:
+        layer.unmerge()
+        layer.disabled = True
+    for wrapper in wrappers:
+        wrapper.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+            layer.merge(merged[id(layer)])
+        for wrapper in wrappers:
+            wrapper.disabled = False
+
+
+def _dense_linear(base: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """A plain nn.Linear holding `weight` [out, in] and the base's bias."""
+    out_features, in_features = weight.shape
+    bias = getattr(base, "bias", None)
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge the active adapters and return the plain model: no lorakit module or attribute is left.
+
+    Quantized bases are dequantized to `dtype` (default float32) and the update is added in float32, never rounded
+    back to 4 bits; dense bases keep their dtype unless `dtype` is given.
+    """
+    with torch.no_grad():
+        for path, layer in list(adapted_layers(model)):
+            if is_weight_provider(layer.base_layer):
+                weight = layer.weight.float()
+                for name in layer.active:
+                    if name not in layer.merged:
+                        weight = layer.adapters[name].merged_weight(weight, layer)
+                _replace(model, path, _dense_linear(layer.base_layer, weight, dtype or torch.float32))
+            else:
+                layer.merge()
+                _replace(model, path, layer.base_layer)
+        for path, module in list(model.named_modules()):
+            if path and is_weight_provider(module):
+                _replace(model, path, _dense_linear(module, module.dense_weight().float(), dtype or torch.float32))
+        for path, wrapper in list(saved_module_wrappers(model)):
+            _replace(model, path, wrapper.current)
+    model.__dict__.pop(CONFIGS_ATTR, None)
+    if dtype is not None:
+        model.to(dtype)
+    model.requires_grad_(False)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging and return the original model (merged adapters are taken out first)."""
+    for path, layer in list(adapted_layers(model)):
+        layer.unmerge()
+        _replace(model, path, layer.base_layer)
+    for path, wrapper in list(saved_module_wrappers(model)):
+        _replace(model, path, wrapper.original_module)
+    model.__dict__.pop(CONFIGS_ATTR, None)
+    return model
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {100 * self.share:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """Trainable and total parameter counts; a quantized weight counts as its out×in logical parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.out_features * m.in_features for m in model.modules() if is_weight_provider(m))
+    return ParameterCount(trainable, total)
+
+
+__all__ = [
+    "adapt", "adapted_layers", "adapter_configs", "base_dims", "delete_adapter", "dense_weight", "disable_adapters",
+    "merge", "merge_and_unload", "set_adapter", "trainable_parameters", "unload", "unmerge", "ParameterCount",
+]

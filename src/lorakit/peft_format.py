@@ -1,0 +1,189 @@
+"""Save and load adapters in PEFT's directory format, so they move freely between lorakit, PEFT and serving engines.
+
+A directory holds `adapter_config.json` (PEFT's config fields) and `adapter_model.safetensors` with keys
+`base_model.model.<module path>.<tensor>`:
+- LoRA `lora_A.weight` [r, in], `lora_B.weight` [out, r] (Linear layout, also for Conv1D); DoRA `lora_magnitude_vector` [out];
+- VeRA `vera_lambda_b` [out], `vera_lambda_d` [r], and once `base_model.vera_A` [r, max_in], `base_model.vera_B`
+  [max_out, r] when save_projection is true (otherwise they are regenerated from projection_prng_key);
+- trained biases `<path>.bias` (`<layer>.base_layer.bias` for adapted layers) and modules_to_save `<path>.<param>`.
+Only JSON and safetensors are read: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import AdapterConfig, LoraConfig, VeraConfig, config_from_peft_dict
+from .deltas import VeRADelta
+from .model import adapt, adapted_layers, adapter_configs, delete_adapter, saved_module_wrappers
+from .targets import ALL_LINEAR, compact_target_list
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The adapter's tensors under PEFT's keys; the values are the live parameters (detached views)."""
+    config = adapter_configs(model)[adapter_name]
+    out: dict[str, Tensor] = {}
+    projections = None
+    for path, layer in adapted_layers(model):
+        if adapter_name not in layer.adapters:
+            continue
+        adapter = layer.adapters[adapter_name]
+        delta = adapter.delta
+        if isinstance(delta, VeRADelta):
+            projections = delta.projections
+            out[f"{PREFIX}{path}.vera_lambda_b"] = delta.vera_lambda_b
+            out[f"{PREFIX}{path}.vera_lambda_d"] = delta.vera_lambda_d
+        else:
+            out[f"{PREFIX}{path}.lora_A.weight"] = delta.lora_A
+            out[f"{PREFIX}{path}.lora_B.weight"] = delta.lora_B
+        if adapter.lora_magnitude_vector is not None:
+            out[f"{PREFIX}{path}.lora_magnitude_vector"] = adapter.lora_magnitude_vector
+        if config.bias == "lora_only" and layer.bias is not None:
+            out[f"{PREFIX}{path}.base_layer.bias"] = layer.bias
+    if isinstance(config, VeraConfig) and config.save_projection and projections is not None:
+        out["base_model.vera_A"] = projections.vera_A
+        out["base_model.vera_B"] = projections.vera_B
+    wrappers = [path + "." for path, _ in saved_module_wrappers(model)]
+    if config.bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and not any(name.startswith(w) for w in wrappers):
+                out[PREFIX + name] = param
+    for path, wrapper in saved_module_wrappers(model):
+        if adapter_name in wrapper.copies:
+            for name, tensor in wrapper.copies[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.{name}"] = tensor
+    return {key: value.detach() for key, value in out.items()}
+
+
+def _config_for_file(model: nn.Module, config: AdapterConfig, adapter_name: str) -> dict[str, Any]:
+    data = config.to_peft_dict()
+    if config.target_modules == ALL_LINEAR:  # PEFT writes the expanded module list
+        targets = [path for path, layer in adapted_layers(model) if adapter_name in layer.adapters]
+        data["target_modules"] = compact_target_list(model, targets)
+    if data["base_model_name_or_path"] is None:
+        data["base_model_name_or_path"] = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    if data["task_type"] is None and type(model).__name__.endswith("ForCausalLM"):
+        data["task_type"] = "CAUSAL_LM"
+    return data
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default") -> Path:
+    """Write `adapter_name` as a PEFT adapter directory; files are replaced atomically."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(configs)}")
+    config = configs[adapter_name]
+    if isinstance(config, VeraConfig) and any(
+        layer.adapters[adapter_name].use_dora for _, layer in adapted_layers(model) if adapter_name in layer.adapters
+    ):
+        raise ValueError("DoRA over VeRA has no PEFT format; save it with lorakit.save_checkpoint instead")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(_config_for_file(model, config, adapter_name), indent=2, sort_keys=True)
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return directory
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: not a PEFT adapter directory")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file}: invalid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return config_from_peft_dict(data, str(file))
+
+
+def read_adapter_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    directory = Path(path)
+    file = directory / WEIGHTS_NAME
+    if not file.is_file():
+        pickled = [p.name for p in directory.glob("*.bin")]
+        hint = f" ({pickled} are pickle files, which lorakit never loads; convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"{file} not found{hint}")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{file}: corrupted or not a safetensors file ({error})") from None
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default"
+) -> nn.Module:
+    """Add the PEFT adapter at `path` (written by PEFT or lorakit) to `model` as `adapter_name` and activate it.
+
+    Every tensor is checked before anything is kept: a missing, unexpected or misshapen tensor is an error that names
+    it, and the model is left as it was.
+    """
+    config = read_adapter_config(path)
+    tensors = read_adapter_tensors(path)
+    adapt(model, config, adapter_name)
+    try:
+        _copy_into(adapter_state_dict(model, adapter_name), tensors, config, Path(path) / WEIGHTS_NAME)
+    except Exception:
+        delete_adapter(model, adapter_name)
+        raise
+    return model
+
+
+def _copy_into(expected: dict[str, Tensor], found: dict[str, Tensor], config: AdapterConfig, file: Path) -> None:
+    optional = {"base_model.vera_A", "base_model.vera_B"} if isinstance(config, VeraConfig) else set()
+    missing = sorted(set(expected) - set(found) - optional)
+    unexpected = sorted(set(found) - set(expected) - optional)
+    if missing:
+        raise ValueError(f"{file}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
+    if unexpected:
+        hint = _unexpected_hint(unexpected[0], config)
+        raise ValueError(f"{file}: unexpected tensor {unexpected[0]}{hint}" + (
+            f" (and {len(unexpected) - 1} more)" if unexpected[1:] else ""))
+    with torch.no_grad():
+        for key, target in expected.items():
+            if key not in found:  # VeRA projections not saved: regenerated from the seed already
+                continue
+            source = found[key]
+            if source.shape != target.shape:
+                raise ValueError(
+                    f"{file}: tensor {key} has shape {tuple(source.shape)} but the model needs {tuple(target.shape)}"
+                )
+            if not torch.isfinite(source).all():
+                raise ValueError(f"{file}: tensor {key} holds non-finite values")
+            target.copy_(source)
+
+
+def _unexpected_hint(key: str, config: AdapterConfig) -> str:
+    if "lora_embedding" in key:
+        return " (LoRA on embedding layers is not supported by lorakit)"
+    if key.endswith("lora_B.bias"):
+        return " (lora_bias is not supported by lorakit)"
+    if isinstance(config, LoraConfig) and not key.startswith("base_model.model."):
+        return " (keys must start with 'base_model.model.')"
+    return " (the model has no such adapted module: wrong base model or target_modules?)"

@@ -1,0 +1,112 @@
+"""Which modules an adapter wraps, by PEFT's matching rules.
+
+- a string is a regular expression that must `re.fullmatch` the module path;
+- a list matches a module whose path equals an entry or ends with "." + entry;
+- "all-linear" is every linear layer (nn.Linear, Hugging Face Conv1D, NF4Linear) except the model's output head.
+A target that matches nothing is an error that names the closest module paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import TargetSpec
+
+ALL_LINEAR = "all-linear"
+
+
+def conv1d_class() -> type[nn.Module] | None:
+    """Hugging Face's transposed linear layer (GPT-2 family), if transformers is importable."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """A layer lorakit can adapt: it maps [..., in] to [..., out] with a weight matrix."""
+    from .layer import AdaptedLinear, is_weight_provider
+
+    conv1d = conv1d_class()
+    if isinstance(module, (nn.Linear, AdaptedLinear)) or (conv1d is not None and isinstance(module, conv1d)):
+        return True
+    return is_weight_provider(module)
+
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules that could be targets: linear-like layers, never the internals of an adapted layer."""
+    from .layer import AdaptedLinear
+
+    inside: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if inside and any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, AdaptedLinear):
+            inside += (name + ".",)
+        if name and is_linear_like(module):
+            yield name, module
+
+
+def matches(path: str, spec: TargetSpec) -> bool:
+    """PEFT's rule for one module path against a target (or exclude) spec."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == key or path.endswith("." + key) for key in spec)
+
+
+def output_head_paths(model: nn.Module) -> set[str]:
+    """Paths of the module that produces the logits (excluded from "all-linear", as in PEFT)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return {"lm_head"} if isinstance(getattr(model, "lm_head", None), nn.Module) else set()
+    return {name for name, module in model.named_modules() if module is head}
+
+
+def find_targets(model: nn.Module, target_modules: TargetSpec, exclude_modules: TargetSpec = None) -> list[str]:
+    """Paths of the modules to adapt; raises ValueError naming close matches when nothing matches."""
+    candidates = dict(candidate_modules(model))
+    if target_modules == ALL_LINEAR:
+        heads = output_head_paths(model)
+        chosen = [path for path in candidates if path not in heads]
+    else:
+        chosen = [path for path in candidates if matches(path, target_modules)]
+        if not chosen:
+            raise ValueError(_no_match_message(model, target_modules, list(candidates)))
+    chosen = [path for path in chosen if not matches(path, exclude_modules)]
+    if not chosen:
+        raise ValueError(f"every module matching target_modules={target_modules!r} is excluded by {exclude_modules!r}")
+    return chosen
+
+
+def _no_match_message(model: nn.Module, spec: TargetSpec, candidates: list[str]) -> str:
+    keys = [spec] if isinstance(spec, str) else list(spec or ())
+    all_paths = [name for name, _ in model.named_modules() if name]
+    names = sorted({path.rsplit(".", 1)[-1] for path in candidates} | set(candidates))
+    suggestions: list[str] = []
+    for key in keys:
+        suggestions += difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    non_linear = [k for k in keys if any(p == k or p.endswith("." + k) for p in all_paths)]
+    message = f"target_modules={spec!r} matches no linear layer of {type(model).__name__}."
+    if non_linear:
+        message += f" {non_linear} exist but are not linear layers (nn.Linear, Conv1D, NF4Linear)."
+    if suggestions:
+        message += f" Close matches: {sorted(set(suggestions))}."
+    else:
+        message += f" Linear layer names: {sorted({p.rsplit('.', 1)[-1] for p in candidates})[:20]}."
+    return message
+
+
+def compact_target_list(model: nn.Module, targets: list[str]) -> list[str]:
+    """The shortest list of names that selects exactly `targets` (last path components if they suffice)."""
+    short = sorted({path.rsplit(".", 1)[-1] for path in targets})
+    if sorted(path for path, _ in candidate_modules(model) if matches(path, tuple(short))) == sorted(targets):
+        return short
+    return sorted(targets)

@@ -1,0 +1,72 @@
+"""Tiny models built from configs (no files, no network) shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging
+
+logging.set_verbosity_error()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(12, 20)
+        self.act = nn.GELU()
+        self.down = nn.Linear(20, 7, bias=False)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(self.act(self.up(x))))
+
+
+def tiny_mlp(seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP().eval()
+
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "mlp": tiny_mlp}
+
+
+def model_input(kind: str, batch: int = 2, seq: int = 10, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        return {"x": torch.randn(batch, seq, 12, generator=generator)}
+    return {"input_ids": torch.randint(3, 128, (batch, seq), generator=generator)}
+
+
+def model_output(model: nn.Module, kind: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs)
+    return out if kind == "mlp" else out.logits
+
+
+def randomize_adapters(model: nn.Module, seed: int = 3, scale: float = 0.2) -> None:
+    """Move every adapter tensor away from its (identity) init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator).to(param) * scale)
+
+
+@pytest.fixture(params=["llama", "gpt2", "mlp"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
