@@ -165,7 +165,8 @@ def config_from_peft_dict(data: dict[str, Any], source: str = "adapter_config.js
 
 
 def _is_off(key: str, value: Any) -> bool:
-    if key in ("qalora_group_size", "peft_version", "megatron_core", "auto_mapping", "revision", "runtime_config"):
+    if key in ("qalora_group_size", "peft_version", "megatron_core", "auto_mapping", "revision", "runtime_config",
+               "inference_mode"):
         return True  # bookkeeping that carries no behaviour
     if key == "init_weights":
         return value is True
