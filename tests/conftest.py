@@ -70,3 +70,30 @@ def randomize_adapters(model: nn.Module, seed: int = 3, scale: float = 0.2) -> N
 @pytest.fixture(params=["llama", "gpt2", "mlp"])
 def kind(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+class Holder(nn.Module):
+    """A model of one layer called `proj`."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def outputs_across_merging(model: nn.Module, kind: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Outputs unmerged, merged, unmerged again, and after merge_and_unload of a copy."""
+    import copy
+
+    import lorakit
+
+    with torch.no_grad():
+        unmerged = model_output(model, kind, inputs)
+        lorakit.merge(model)
+        merged = model_output(model, kind, inputs)
+        lorakit.unmerge(model)
+        again = model_output(model, kind, inputs)
+        plain = model_output(lorakit.merge_and_unload(copy.deepcopy(model)), kind, inputs)
+    return {"unmerged": unmerged, "merged": merged, "unmerged_again": again, "merge_and_unload": plain}

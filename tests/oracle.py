@@ -65,3 +65,19 @@ def oracle_forward(layer: lorakit.AdaptedLinear, x: Tensor, weight: Tensor, mask
 def grads_by_name(adapter: lorakit.Adapter) -> dict[str, Tensor]:
     out = {name.rsplit(".", 1)[-1]: p.grad for name, p in adapter.named_parameters() if p.grad is not None}
     return out
+
+
+def check_layer(layer: lorakit.AdaptedLinear, x: Tensor, mask: Tensor | None = None, rtol: float = 1e-5,
+                atol: float = 1e-5) -> None:
+    """Output and every adapter gradient of `layer` on x equal the float64 oracle's."""
+    y = layer(x)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(11)).to(y.dtype)
+    y.backward(grad_out)
+    expected, leaves = oracle_forward(layer, x, layer.weight.detach(), mask)
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(y.double(), expected, rtol=rtol, atol=atol)
+    for name in layer.active:
+        grads = grads_by_name(layer.adapters[name])
+        assert set(grads) == set(leaves)
+        for key, leaf in leaves.items():
+            torch.testing.assert_close(grads[key].double(), leaf.grad, rtol=max(rtol, 1e-4), atol=atol)

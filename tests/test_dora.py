@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import peft
@@ -12,17 +11,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-from conftest import BUILDERS, model_input, model_output, randomize_adapters
-from oracle import FixedMask, grads_by_name, oracle_forward
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+from conftest import Holder, outputs_across_merging, BUILDERS, model_input, model_output, randomize_adapters
+from oracle import FixedMask, check_layer, oracle_forward
 
 
 def _layer(kind: str, bias: bool) -> Holder:
@@ -49,18 +39,9 @@ def test_dora_matches_dense_oracle(layer_kind: str, has_bias: bool, dropout: flo
         mask = (torch.rand(5, 10, generator=torch.Generator().manual_seed(7)) > dropout).float() / (1 - dropout)
         adapter.dropout = FixedMask(mask)
     model.train()
-    x = torch.randn(5, 10)
-    y = model(x)
-    grad_out = torch.randn_like(y)
-    y.backward(grad_out)
-
-    expected, leaves = oracle_forward(layer, x, layer.weight.detach(), mask)
-    expected.backward(grad_out.double())
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
-    grads = grads_by_name(adapter)
-    assert set(grads) == {"lora_A", "lora_B", "lora_magnitude_vector"}
-    for name, leaf in leaves.items():
-        torch.testing.assert_close(grads[name].double(), leaf.grad, rtol=1e-4, atol=1e-5)
+    check_layer(layer, torch.randn(5, 10), mask)
+    assert {n for n, p in adapter.named_parameters() if p.grad is not None} == {
+        "delta.lora_A", "delta.lora_B", "lora_magnitude_vector"}
 
 
 def test_magnitude_starts_at_the_row_norm_and_adapter_is_identity(kind: str) -> None:
@@ -80,17 +61,12 @@ def test_dora_merge_unmerge_and_save_load(kind: str, tmp_path: Path) -> None:
     inputs = model_input(kind)
     lorakit.adapt(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
     randomize_adapters(model, scale=0.2)
+    outputs = outputs_across_merging(model, kind, inputs)
+    lorakit.save_adapter(model, tmp_path)
     with torch.no_grad():
-        unmerged = model_output(model, kind, inputs)
-        lorakit.merge(model)
-        merged = model_output(model, kind, inputs)
-        lorakit.unmerge(model)
-        again = model_output(model, kind, inputs)
-        lorakit.save_adapter(model, tmp_path)
-        loaded = model_output(lorakit.load_adapter(BUILDERS[kind](), tmp_path), kind, inputs)
-        plain = model_output(lorakit.merge_and_unload(copy.deepcopy(model)), kind, inputs)
-    for other in (merged, again, loaded, plain):
-        torch.testing.assert_close(other, unmerged, rtol=1e-4, atol=1e-4)
+        outputs["loaded"] = model_output(lorakit.load_adapter(BUILDERS[kind](), tmp_path), kind, inputs)
+    for other in outputs.values():
+        torch.testing.assert_close(other, outputs["unmerged"], rtol=1e-4, atol=1e-4)
     restored = lorakit.unload(model).state_dict()
     for key, value in original.items():
         torch.testing.assert_close(restored[key], value, rtol=0, atol=1e-5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lorakit
-from conftest import BUILDERS, model_input, model_output, randomize_adapters, tiny_llama
-from oracle import FixedMask, grads_by_name, oracle_forward
+from conftest import outputs_across_merging, BUILDERS, model_input, model_output, randomize_adapters, tiny_llama
+from oracle import FixedMask, check_layer
 
 
 class TwoShapes(nn.Module):
@@ -43,16 +42,7 @@ def test_vera_matches_dense_oracle_on_layers_of_different_shapes(dropout: float)
         if dropout:
             mask = (torch.rand(4, layer.in_features, generator=torch.Generator().manual_seed(1)) > dropout) / (1 - dropout)
             layer.adapters["default"].dropout = FixedMask(mask)
-        y = layer(x)
-        grad_out = torch.randn_like(y)
-        y.backward(grad_out)
-        expected, leaves = oracle_forward(layer, x, layer.weight.detach(), mask)
-        expected.backward(grad_out.double())
-        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
-        grads = grads_by_name(layer.adapters["default"])
-        assert set(grads) == {"vera_lambda_b", "vera_lambda_d"}
-        for name, leaf in leaves.items():
-            torch.testing.assert_close(grads[name].double(), leaf.grad, rtol=1e-4, atol=1e-6)
+        check_layer(layer, x, mask)
 
 
 def test_projections_equal_peft_bit_for_bit() -> None:
@@ -106,15 +96,9 @@ def test_vera_merge_unmerge(kind: str) -> None:
     inputs = model_input(kind)
     lorakit.adapt(model, lorakit.VeraConfig(r=8, target_modules="all-linear"))
     randomize_adapters(model, scale=0.5)
-    with torch.no_grad():
-        unmerged = model_output(model, kind, inputs)
-        lorakit.merge(model)
-        merged = model_output(model, kind, inputs)
-        lorakit.unmerge(model)
-        again = model_output(model, kind, inputs)
-        plain = model_output(lorakit.merge_and_unload(copy.deepcopy(model)), kind, inputs)
-    for other in (merged, again, plain):
-        torch.testing.assert_close(other, unmerged, rtol=1e-4, atol=1e-4)
+    outputs = outputs_across_merging(model, kind, inputs)
+    for other in outputs.values():
+        torch.testing.assert_close(other, outputs["unmerged"], rtol=1e-4, atol=1e-4)
 
 
 class Stack(nn.Module):
