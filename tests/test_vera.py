@@ -123,3 +123,16 @@ def test_parameter_counts_match_the_vera_paper() -> None:
     # 80 layers of 4096 x 4096 at r = 64: VeRA 80 x (4096 + 64) vs LoRA 80 x 64 x 8192
     assert _count(lorakit.VeraConfig(r=64, target_modules=["q"]), 80, 4096, ("q",)) == 332_800
     assert _count(lorakit.LoraConfig(r=64, target_modules=["q"]), 80, 4096, ("q",)) == 41_943_040
+
+
+def test_saved_projections_are_used_when_present(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = lorakit.adapt(tiny_llama(), lorakit.VeraConfig(r=8, target_modules=["q_proj"]))
+    lorakit.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.vera_A"] = torch.randn_like(tensors["base_model.vera_A"])
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    loaded = lorakit.load_adapter(tiny_llama(), tmp_path)
+    projections = loaded.model.layers[0].self_attn.q_proj.adapters["default"].delta.projections
+    assert torch.equal(projections.vera_A, tensors["base_model.vera_A"])

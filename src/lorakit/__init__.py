@@ -11,6 +11,7 @@ from .model import (
     disable_adapters,
     merge,
     merge_and_unload,
+    mixed_batch,
     set_adapter,
     trainable_parameters,
     unload,
@@ -24,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedLinear", "Adapter", "LoraConfig", "ParameterCount", "VeraConfig", "adapt", "adapted_layers",
     "adapter_configs", "adapter_state_dict", "create_loraplus_optimizer", "delete_adapter", "disable_adapters",
-    "load_adapter", "loraplus_param_groups", "merge", "merge_and_unload", "read_adapter_config", "save_adapter",
+    "load_adapter", "loraplus_param_groups", "merge", "merge_and_unload", "mixed_batch", "read_adapter_config", "save_adapter",
     "set_adapter", "trainable_parameters", "unload", "unmerge",
 ]

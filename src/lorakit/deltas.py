@@ -63,14 +63,21 @@ class VeRAProjections(nn.Module):
     """The frozen pair shared by every VeRA layer of one adapter, regenerable from `projection_prng_key`.
 
     Buffers are non-persistent: the model's state dict does not repeat them under every layer; the adapter file
-    carries them once (`save_projection=True`) or only the seed.
+    carries them once (`save_projection=True`) or only the seed. A is kept transposed, so that every layer's slice
+    A[:, :in] is a contiguous block of rows of Aᵀ (no copy per forward).
     """
 
     def __init__(self, r: int, max_in: int, max_out: int, projection_prng_key: int) -> None:
         super().__init__()
         generator = torch.Generator(device="cpu").manual_seed(projection_prng_key)
-        self.register_buffer("vera_A", kaiming_uniform_like_peft((r, max_in), generator), persistent=False)  # [r, max_in]
+        vera_a = kaiming_uniform_like_peft((r, max_in), generator)
+        self.register_buffer("vera_A_t", vera_a.T.contiguous(), persistent=False)  # [max_in, r]
         self.register_buffer("vera_B", kaiming_uniform_like_peft((max_out, r), generator), persistent=False)  # [max_out, r]
+
+    @property
+    def vera_A(self) -> Tensor:
+        """PEFT's layout [r, max_in], a view: writing into it writes the stored projection."""
+        return self.vera_A_t.T
 
 
 class VeRADelta(nn.Module):
@@ -88,20 +95,17 @@ class VeRADelta(nn.Module):
     def r(self) -> int:
         return self.vera_lambda_d.shape[0]
 
-    def _projections(self) -> tuple[Tensor, Tensor]:
-        a = self.projections.vera_A[:, : self.in_features]  # [r, in]
-        b = self.projections.vera_B[: self.out_features]  # [out, r]
-        return a.to(self.vera_lambda_d.dtype), b.to(self.vera_lambda_b.dtype)
-
     def forward(self, x: Tensor, scale: float) -> Tensor:
-        a, b = self._projections()
-        hidden = F.linear(x, a) * self.vera_lambda_d  # [..., r]
-        out = F.linear(hidden, b) * self.vera_lambda_b  # [..., out]
-        return out * scale if scale != 1.0 else out
+        a_t = self.projections.vera_A_t[: self.in_features].to(x.dtype)  # [in, r], contiguous
+        hidden = (x @ a_t) * (self.vera_lambda_d * scale)  # [..., r]
+        return F.linear(hidden, self.vera_lambda_b[:, None] * self._up())  # λ_b folded into [out, r], not [..., out]
+
+    def _up(self) -> Tensor:
+        return self.projections.vera_B[: self.out_features].to(self.vera_lambda_b.dtype)  # [out, r]
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        a, b = self._projections()
-        return self.vera_lambda_d[:, None] * a, self.vera_lambda_b[:, None] * b
+        a = self.projections.vera_A[:, : self.in_features].to(self.vera_lambda_d.dtype)  # [r, in]
+        return self.vera_lambda_d[:, None] * a, self.vera_lambda_b[:, None] * self._up()
 
     def delta_weight(self) -> Tensor:
         down, up = self.factors()

@@ -90,16 +90,20 @@ class Adapter(nn.Module):
         """What this adapter adds to the base output, in the adapter's dtype: [..., out]."""
         x = x.to(self.dtype)
         x_d = self.dropout(x)
-        lora = self.delta(x_d, self.scaling)  # [..., out]
         if not self.use_dora:
-            return lora
+            return self.delta(x_d, self.scaling)  # [..., out]
         ratio = self.lora_magnitude_vector / self.weight_norm(layer)  # [out]; norm detached (DoRA §4.3)
+        down, up = self.delta.factors()  # [r, in], [out, r]
+        hidden = F.linear(x_d, down) * self.scaling  # [..., r]
         if isinstance(self.dropout, nn.Identity) or not self.training:
+            # (m/n − 1)·(W·x) with W·x = base_out − b: one fused multiply-add over the activations; the ratio
+            # scales the small matrix `up` rather than the [..., out] update, and the bias term rides in F.linear.
             bias = layer.bias
-            w_x = base_out.to(self.dtype) - (bias.to(self.dtype) if bias is not None else 0)  # reuse W·x
-        else:
-            w_x = F.linear(x_d, dense_weight(layer.base_layer).to(self.dtype))  # W·x_d
-        return (ratio - 1) * w_x + ratio * lora
+            shift = None if bias is None else (1 - ratio) * bias.to(self.dtype)  # [out]
+            lora = F.linear(hidden, ratio[:, None] * up, shift)  # [..., out]
+            return torch.addcmul(lora, base_out.to(self.dtype), ratio - 1)
+        w_x = F.linear(x_d, dense_weight(layer.base_layer).to(self.dtype))  # W·x_d [..., out]
+        return torch.addcmul(F.linear(hidden, ratio[:, None] * up), w_x, ratio - 1)
 
     def merged_weight(self, weight: Tensor, layer: "AdaptedLinear") -> Tensor:
         """W with this adapter folded in (float32 math); remembers DoRA's norm for an exact unmerge."""
@@ -134,6 +138,7 @@ class AdaptedLinear(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        self.routing: list[tuple[str, Tensor]] | None = None  # mixed batch: (adapter or "__base__", sample indices)
         self.register_buffer("row_norm_sq", None, persistent=False)  # [out] ‖W_i‖², cached; cleared when W changes
 
     @property
@@ -154,6 +159,8 @@ class AdaptedLinear(nn.Module):
         base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return base_out
+        if self.routing is not None:
+            return self._forward_routed(x, base_out)
         updates = [self.adapters[n].update(x, base_out, self) for n in self.active if n not in self.merged]
         if not updates:
             return base_out
@@ -161,6 +168,18 @@ class AdaptedLinear(nn.Module):
         for more in updates[1:]:
             total = total + more
         return base_out + total.to(base_out.dtype)
+
+    def _forward_routed(self, x: Tensor, base_out: Tensor) -> Tensor:
+        """Each sample (dim 0) gets its own adapter: one gather, update and scatter-add per adapter, not per sample."""
+        if self.merged:
+            raise RuntimeError("a mixed batch needs unmerged adapters; unmerge() first")
+        out = base_out
+        for name, index in self.routing:
+            if name not in self.adapters:
+                continue
+            update = self.adapters[name].update(x.index_select(0, index), base_out.index_select(0, index), self)
+            out = out.index_add(0, index, update.to(out.dtype))  # [batch, ..., out]
+        return out
 
     @torch.no_grad()
     def project_base(self, rows: Tensor) -> Tensor:

@@ -229,6 +229,36 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             wrapper.disabled = False
 
 
+BASE = "__base__"
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Module]:
+    """Inside the block, sample i of every batch runs with adapter adapter_names[i] ("__base__": no adapter).
+
+    Works for forward and `generate` (the batch dimension must stay as given), for LoRA, DoRA and VeRA alike.
+    """
+    configs = adapter_configs(model)
+    unknown = sorted({n for n in adapter_names if n != BASE and n not in configs})
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(configs)} (and {BASE!r})")
+    layers = [layer for _, layer in adapted_layers(model)]
+    if not layers:
+        raise ValueError("the model has no adapters")
+    device = _device(layers[0].base_layer)
+    routing = [
+        (name, torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=device))
+        for name in dict.fromkeys(adapter_names) if name != BASE
+    ]
+    for layer in layers:
+        layer.routing = routing
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.routing = None
+
+
 def _dense_linear(base: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
     """A plain nn.Linear holding `weight` [out, in] and the base's bias."""
     out_features, in_features = weight.shape
@@ -304,5 +334,5 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
 
 __all__ = [
     "adapt", "adapted_layers", "adapter_configs", "base_dims", "delete_adapter", "dense_weight", "disable_adapters",
-    "merge", "merge_and_unload", "set_adapter", "trainable_parameters", "unload", "unmerge", "ParameterCount",
+    "merge", "merge_and_unload", "mixed_batch", "set_adapter", "trainable_parameters", "unload", "unmerge", "ParameterCount",
 ]
