@@ -17,13 +17,16 @@ from .model import (
     unload,
     unmerge,
 )
+from .nf4 import NF4Linear, NF4Weight, quantize_nf4
+from .quantize import MemoryFootprint, load_quantized, memory_footprint, quantize, save_quantized
 from .optim import create_loraplus_optimizer, loraplus_param_groups
 from .peft_format import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedLinear", "Adapter", "LoraConfig", "ParameterCount", "VeraConfig", "adapt", "adapted_layers",
+    "AdaptedLinear", "Adapter", "LoraConfig", "MemoryFootprint", "NF4Linear", "NF4Weight", "load_quantized",
+    "memory_footprint", "quantize", "quantize_nf4", "save_quantized", "ParameterCount", "VeraConfig", "adapt", "adapted_layers",
     "adapter_configs", "adapter_state_dict", "create_loraplus_optimizer", "delete_adapter", "disable_adapters",
     "load_adapter", "loraplus_param_groups", "merge", "merge_and_unload", "mixed_batch", "read_adapter_config", "save_adapter",
     "set_adapter", "trainable_parameters", "unload", "unmerge",

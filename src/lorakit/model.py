@@ -17,6 +17,7 @@ from torch import nn
 from .config import AdapterConfig, LoraConfig, VeraConfig
 from .deltas import LoRADelta, VeRADelta, VeRAProjections
 from .layer import Adapter, AdaptedLinear, base_dims, dense_weight, is_weight_provider
+from .quantize import dense_module
 from .saved_modules import ModulesToSave
 from .targets import find_targets, matches
 
@@ -259,18 +260,6 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
             layer.routing = None
 
 
-def _dense_linear(base: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
-    """A plain nn.Linear holding `weight` [out, in] and the base's bias."""
-    out_features, in_features = weight.shape
-    bias = getattr(base, "bias", None)
-    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
-
-
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge the active adapters and return the plain model: no lorakit module or attribute is left.
 
@@ -284,13 +273,13 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
                 for name in layer.active:
                     if name not in layer.merged:
                         weight = layer.adapters[name].merged_weight(weight, layer)
-                _replace(model, path, _dense_linear(layer.base_layer, weight, dtype or torch.float32))
+                _replace(model, path, dense_module(layer.base_layer, weight, dtype or torch.float32))
             else:
                 layer.merge()
                 _replace(model, path, layer.base_layer)
         for path, module in list(model.named_modules()):
             if path and is_weight_provider(module):
-                _replace(model, path, _dense_linear(module, module.dense_weight().float(), dtype or torch.float32))
+                _replace(model, path, dense_module(module, module.dense_weight(torch.float32), dtype or torch.float32))
         for path, wrapper in list(saved_module_wrappers(model)):
             _replace(model, path, wrapper.current)
     model.__dict__.pop(CONFIGS_ATTR, None)
