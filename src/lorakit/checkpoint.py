@@ -1,0 +1,111 @@
+"""Training checkpoints in safetensors + JSON only (nothing is pickled), written atomically.
+
+A checkpoint directory holds the adapter in PEFT's format (`adapter/`), `optimizer.safetensors` (every optimizer state
+tensor, keyed `<param index>.<name>`, plus the RNG states), and `state.json` (step, optimizer param-group settings,
+scheduler, data-stream position, Python RNG state). It is written to a temporary sibling directory and renamed into
+place, so a run killed at any moment leaves either the previous checkpoint or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .peft_format import adapter_state_dict, save_adapter
+
+STATE_NAME = "state.json"
+TENSORS_NAME = "optimizer.safetensors"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extra: dict[str, Any],
+    adapter_name: str = "default",
+) -> Path:
+    """Atomically write everything a run needs to continue exactly where it stopped."""
+    target = Path(directory)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_adapter(model, tmp / "adapter", adapter_name)
+    tensors, optimizer_meta = _optimizer_tensors(optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, tmp / TENSORS_NAME)
+    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    state = {"optimizer": optimizer_meta, "scheduler": scheduler_state, "python_rng": _python_rng(), **extra}
+    (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _python_rng() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    adapter_name: str = "default",
+) -> dict[str, Any]:
+    """Restore adapter weights, optimizer, scheduler and RNG states; returns the extra state saved with them."""
+    from .peft_format import read_adapter_tensors
+
+    source = Path(directory)
+    if not (source / STATE_NAME).is_file():
+        raise FileNotFoundError(f"{source} holds no checkpoint ({STATE_NAME} missing)")
+    state = json.loads((source / STATE_NAME).read_text())
+    saved = read_adapter_tensors(source / "adapter")
+    with torch.no_grad():
+        for key, target in adapter_state_dict(model, adapter_name).items():
+            if key not in saved:
+                raise ValueError(f"checkpoint {source}: missing tensor {key}")
+            if saved[key].shape != target.shape:
+                raise ValueError(f"checkpoint {source}: tensor {key} has shape {tuple(saved[key].shape)}, "
+                                 f"the model needs {tuple(target.shape)} (different method or rank?)")
+            target.copy_(saved[key])
+    tensors = load_file(source / TENSORS_NAME)
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
+    scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "python_rng")}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    per_param: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, _, name = key.partition(".")
+        per_param.setdefault(int(index), {})[name] = value
+    return {"state": per_param, "param_groups": meta["param_groups"]}

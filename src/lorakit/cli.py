@@ -1,0 +1,236 @@
+"""The `lorakit` command: train, eval, generate, merge, quantize, inspect.
+
+`lorakit train` flags are generated from `TrainConfig`'s typed fields; `--config FILE` (YAML or TOML) sets any of
+them and flags given on the command line win. Bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, NotImplementedError, KeyError)
+
+
+def _field_type(hint: Any) -> tuple[type, bool]:
+    """(base type, optional) of a dataclass field annotation such as `int | None`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of `cls`: --field-name, typed, with the field's help text and default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, _ = _field_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            choices = [c for c in f.metadata.get("choices", ()) if c is not None] or None
+            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Options from a YAML (.yaml/.yml) or TOML (.toml) file; keys may use dashes or underscores."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {file} not found")
+    text = file.read_text()
+    if file.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif file.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"config file {file}: use a .yaml, .yml or .toml file")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {file}: expected a mapping of option names to values")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        options = read_config_file(known.config)
+        valid = {action.dest for action in parser._actions}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ValueError(f"config file {known.config}: unknown option(s) {unknown}")
+        parser.set_defaults(**options)
+
+
+# -- subcommands ------------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    result = train(config)
+    return 130 if result.get("interrupted") else 0
+
+
+def _load_with_adapter(model_name: str, adapter: str | None) -> tuple[Any, Any]:
+    from .models import load_model
+    from .peft_format import load_adapter
+
+    model, tokenizer = load_model(model_name)
+    if adapter:
+        load_adapter(model, adapter)
+    return model.eval(), tokenizer
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_exact_match, evaluate_loss
+    from .train import TrainConfig, load_datasets
+
+    model, tokenizer = _load_with_adapter(args.model, args.adapter)
+    config = TrainConfig(model=args.model, data=args.data, eval_data=args.data, seq_len=args.seq_len, chat=args.chat,
+                         eval_samples=args.eval_samples)
+    data = load_datasets(config, tokenizer, getattr(model.config, "max_position_embeddings", None)).eval
+    if not data:
+        raise ValueError("no evaluation examples")
+    result = evaluate_loss(model, data, args.batch_size, tokenizer.pad_token_id)
+    result |= evaluate_exact_match(model, tokenizer, data[: args.eval_samples])
+    print(f"examples: {len(data)}  loss: {result['eval_loss']:.4f}  perplexity: {result['eval_ppl']:.2f}"
+          + (f"  exact match: {100 * result['exact_match']:.1f}% of {result['n_scored']}" if "exact_match" in result
+             else ""))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    model, tokenizer = _load_with_adapter(args.model, args.adapter)
+    if args.chat:
+        if tokenizer.chat_template is None:
+            raise ValueError(f"{args.model} has no chat template; drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 \
+        else {"do_sample": False}
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                       streamer=streamer, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import merge_and_unload
+
+    model, tokenizer = _load_with_adapter(args.model, args.adapter)
+    dtype = getattr(torch, args.dtype)
+    merged = merge_and_unload(model, dtype=dtype)
+    merged.config.dtype = dtype
+    out = Path(args.output_dir)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"lorakit: merged model written to {out} ({args.dtype})")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .quantize import memory_footprint, quantize, save_quantized
+
+    model, tokenizer = load_model(args.model)
+    before = memory_footprint(model).total
+    quantize(model, double_quant=not args.no_double_quant)
+    out = save_quantized(model, args.output_dir)
+    tokenizer.save_pretrained(out)
+    after = memory_footprint(model).total
+    print(f"lorakit: NF4 model written to {out}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="lorakit", description="Parameter-efficient fine-tuning: LoRA, LoRA+, "
+                                     "QLoRA (NF4), DoRA, VeRA; adapters in PEFT's format.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune an adapter (defaults: SmolLM2-135M on the built-in task)")
+    train.add_argument("--config", help="YAML or TOML file with any of the options below (flags win)")
+    add_dataclass_arguments(train, TrainConfig)
+    train.set_defaults(func=cmd_train)
+
+    def model_and_adapter(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="smollm2-135m", help="built-in name, local HF directory or hub id")
+        p.add_argument("--adapter", help="adapter directory (PEFT format); omit for the base model")
+
+    evaluate = sub.add_parser("eval", help="loss, perplexity and exact match of a model (+ adapter) on data")
+    model_and_adapter(evaluate)
+    evaluate.add_argument("--data", help="JSONL file; default: the built-in task's held-out split")
+    evaluate.add_argument("--seq-len", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--eval-samples", type=int, default=100, help="examples scored by exact match")
+    evaluate.add_argument("--chat", action="store_true", help="render prompt/completion through the chat template")
+    evaluate.set_defaults(func=cmd_eval)
+
+    generate = sub.add_parser("generate", help="generate text (streamed) from a prompt")
+    model_and_adapter(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
+    generate.add_argument("--top-p", type=float, default=0.9)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=cmd_generate)
+
+    merge = sub.add_parser("merge", help="write base + adapter as one Hugging Face model directory")
+    model_and_adapter(merge)
+    merge.add_argument("--output-dir", required=True)
+    merge.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    merge.set_defaults(func=cmd_merge)
+
+    quant = sub.add_parser("quantize", help="save an NF4 (QLoRA) copy of a model, to quantize only once")
+    quant.add_argument("--model", default="smollm2-135m")
+    quant.add_argument("--output-dir", required=True)
+    quant.add_argument("--no-double-quant", action="store_true", help="plain float32 block scales (4.5 bits/weight)")
+    quant.set_defaults(func=cmd_quantize)
+
+    from .inspect import register_cli
+
+    register_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv and argv[0] == "train":
+            _apply_config_file(parser._subparsers._group_actions[0].choices["train"], argv[1:])
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except ERRORS as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"lorakit: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
