@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # lorakit prints its own progress; keep stderr for errors
+    hf_logging.set_verbosity_error()
     parser = build_parser()
     try:
         if argv and argv[0] == "train":

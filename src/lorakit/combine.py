@@ -102,6 +102,9 @@ def _check_request(
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(configs)}")
     if new_name in configs:
         raise ValueError(f"adapter {new_name!r} already exists; delete_adapter() it or choose another name")
+    if not new_name or "." in new_name or new_name == "__base__" or hasattr(nn.ModuleDict, new_name):
+        raise ValueError(f"invalid adapter name {new_name!r}: it must be non-empty, without '.', not '__base__' and "
+                         "not an nn.ModuleDict attribute")
     if not all(torch.isfinite(torch.tensor(float(w))) for w in weights):
         raise ValueError(f"weights must be finite numbers, got {weights}")
     if svd_rank is not None and (method != "svd" or svd_rank <= 0):

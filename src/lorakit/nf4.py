@@ -68,7 +68,8 @@ ZERO_CODE = 7  # index of the level 0.0
 _DQ_GRID_POINTS = 65536  # 8-bit codes are picked on this grid over [-1, 1], as bitsandbytes' CPU kernel does
 _MIN_ABSMAX = 1e-38  # bitsandbytes' guard against 1/0; an all-zero block then scales to exact zeros
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CPU_CHUNK_BLOCKS = 4096  # dequantize this many blocks at a time on CPU so temporaries stay in cache
+_CPU_DEQUANT_CHUNK_ELEMENTS = 1 << 19  # dequantize this many elements at a time on CPU: temporaries stay in cache
+_QUANTIZE_CHUNK_ELEMENTS = 1 << 22  # quantize this many elements at a time: bounds the float32 temporaries
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def _dequantize_blocks_into(out: Tensor, packed: Tensor, scales: Tensor) -> None
     """
     table = _byte_pair_table_on(out.device)
     blocks = out.shape[0]
-    chunk = _CPU_CHUNK_BLOCKS if out.device.type == "cpu" else blocks
+    chunk = max(1, _CPU_DEQUANT_CHUNK_ELEMENTS // out.shape[1]) if out.device.type == "cpu" else blocks
     in_place = out.dtype == torch.float32
     scratch = None if in_place else torch.empty(min(chunk, blocks), out.shape[1], device=out.device)
     for start in range(0, blocks, chunk):
@@ -337,34 +338,26 @@ def dequantize_reference(weight: NF4Weight, dtype: torch.dtype = torch.float32) 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _block_absmax(flat: Tensor, blocksize: int) -> Tensor:
-    """max |x| per block of ``blocksize`` consecutive elements (the last block may be shorter), float32 [blocks]."""
-    blocks = -(-flat.numel() // blocksize)
-    padded = F.pad(flat, (0, blocks * blocksize - flat.numel()))  # zero padding leaves each max unchanged
-    return padded.view(blocks, blocksize).abs().amax(dim=1)
+def _quantize_rows_into(rows: Tensor, absmax: Tensor, packed: Tensor, divide: bool) -> None:
+    """Quantize each row of ``rows`` [m, n] as one block, writing absmax [m] and the packed codes [ceil(m n / 2)].
 
-
-def _quantize_codes(flat: Tensor, absmax: Tensor, blocksize: int) -> Tensor:
-    """NF4 codes of float32 ``flat`` [n] given its block absmax [blocks], int32 [n] (bitsandbytes' arithmetic).
-
-    Complete blocks are scaled by the float32 reciprocal of their absmax, a ragged last block is divided by it.
+    bitsandbytes' arithmetic: complete blocks are multiplied by the float32 reciprocal of their absmax
+    (``divide=False``), its ragged last block is divided by it (``divide=True``); both guard absmax with 1e-38.
     """
-    full = flat.numel() // blocksize * blocksize
-    guarded = absmax.clamp(min=_MIN_ABSMAX)
-    scaled = flat[:full].view(-1, blocksize) * (1.0 / guarded[: full // blocksize]).unsqueeze(1)  # [full/bs, bs]
-    scaled = scaled.reshape(-1)
-    if full < flat.numel():
-        scaled = torch.cat([scaled, flat[full:] / guarded[-1]])
-    return torch.bucketize(scaled.clamp_(-1.0, 1.0), _thresholds_on(flat.device), out_int32=True)
+    rows = rows.float()
+    torch.amax(rows.abs(), dim=1, out=absmax)
+    guarded = absmax.clamp(min=_MIN_ABSMAX).unsqueeze(1)  # [m, 1]
+    scaled = rows / guarded if divide else rows * (1.0 / guarded)
+    codes = torch.bucketize(scaled.clamp_(-1.0, 1.0), _thresholds_on(rows.device), out_int32=True)
+    packed.copy_(_pack_codes(codes.view(-1)))
 
 
 def _pack_codes(codes: Tensor) -> Tensor:
     """Two 4-bit codes per byte, first in the high nibble; an odd count is padded with the zero code. uint8."""
-    codes = codes.to(torch.uint8)
     if codes.numel() % 2:
         codes = F.pad(codes, (0, 1), value=ZERO_CODE)
     pairs = codes.view(-1, 2)
-    return (pairs[:, 0] << 4) | pairs[:, 1]
+    return ((pairs[:, 0] << 4) | pairs[:, 1]).to(torch.uint8)
 
 
 def _quantize_dynamic_8bit(values: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
@@ -374,9 +367,9 @@ def _quantize_dynamic_8bit(values: Tensor, blocksize: int) -> tuple[Tensor, Tens
     float32 reciprocal of its block absmax, clamped to [-1, 1], rounded to the grid -1 + 2i/65535 (i = trunc of
     (v + 1) / 2 · 65535 + 1/2), and the grid point takes its nearest level, ties down. An all-zero block gets code 0.
     """
-    absmax = _block_absmax(values, blocksize)
-    blocks = absmax.numel()
-    padded = F.pad(values, (0, blocks * blocksize - values.numel())).view(blocks, blocksize)
+    blocks = -(-values.numel() // blocksize)
+    padded = F.pad(values, (0, blocks * blocksize - values.numel())).view(blocks, blocksize)  # zeros keep each max
+    absmax = padded.abs().amax(dim=1)
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     normed = (padded * inverse.unsqueeze(1)).clamp_(-1.0, 1.0)
     grid_index = ((normed + 1.0) * 0.5 * (_DQ_GRID_POINTS - 1) + 0.5).int()  # truncation, values are >= 0
@@ -405,11 +398,21 @@ def quantize_nf4(
             f"{blocksize} and {double_quant_blocksize}"
         )
     with torch.no_grad():
-        flat = weight.detach().reshape(-1).float()  # [numel]
-        absmax = _block_absmax(flat, blocksize)  # [num_blocks]
+        flat = weight.detach().reshape(-1)  # [numel]
+        numel, full = flat.numel(), flat.numel() // blocksize  # full: complete blocks
+        absmax = torch.empty(-(-numel // blocksize), dtype=torch.float32, device=flat.device)  # [num_blocks]
+        packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device=flat.device)
+        chunk = max(1, _QUANTIZE_CHUNK_ELEMENTS // blocksize)  # blocks per chunk; bounds the temporaries
+        half = blocksize // 2  # bytes per block
+        for start in range(0, full, chunk):
+            stop = min(start + chunk, full)
+            rows = flat[start * blocksize : stop * blocksize].view(-1, blocksize)
+            _quantize_rows_into(rows, absmax[start:stop], packed[start * half : stop * half], divide=False)
+        if full * blocksize < numel:  # a ragged last block
+            tail = flat[full * blocksize :].view(1, -1)
+            _quantize_rows_into(tail, absmax[full:], packed[full * half :], divide=True)
         if not torch.isfinite(absmax).all():
             raise ValueError("quantize_nf4: the weight holds inf or nan")
-        packed = _pack_codes(_quantize_codes(flat, absmax, blocksize))
         common = dict(packed=packed, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
                       double_quant_blocksize=double_quant_blocksize)
         if not double_quant:
