@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -36,7 +37,7 @@ def labelled_spans(example: Example, tokenizer: PreTrainedTokenizerBase) -> list
     """Decode each run of consecutive loss-bearing tokens."""
     spans: list[list[int]] = []
     previous = IGNORE_INDEX
-    for token, label in zip(example["input_ids"], example["labels"]):
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
         if label != IGNORE_INDEX:
             assert label == token
             if previous == IGNORE_INDEX:
@@ -46,8 +47,8 @@ def labelled_spans(example: Example, tokenizer: PreTrainedTokenizerBase) -> list
     return [tokenizer.decode(span) for span in spans]
 
 
-def numbered(n: int) -> list[dict[str, str]]:
-    return [{"text": f"example {i}"} for i in range(n)]
+def flat(lists: list[list[int]]) -> list[int]:
+    return list(itertools.chain.from_iterable(lists))
 
 
 # --- formats and masks ------------------------------------------------------------------------------------------
@@ -136,8 +137,8 @@ def test_packing_keeps_every_token_and_label(tokenizer: PreTrainedTokenizerBase)
     examples, _ = tokenize_records(records, tokenizer, 128)
     blocks = pack_examples(examples, 24)
     assert all(len(b["input_ids"]) == len(b["labels"]) <= 24 for b in blocks)
-    assert sum((b["input_ids"] for b in blocks), []) == sum((e["input_ids"] for e in examples), [])
-    assert sum((b["labels"] for b in blocks), []) == sum((e["labels"] for e in examples), [])
+    assert flat([b["input_ids"] for b in blocks]) == flat([e["input_ids"] for e in examples])
+    assert flat([b["labels"] for b in blocks]) == flat([e["labels"] for e in examples])
     assert len(blocks) < len(examples)
     starts = {0}
     for example in examples[:-1]:
@@ -173,7 +174,7 @@ def indexed_examples(n: int) -> list[Example]:
 
 def test_stream_covers_each_epoch_once_and_reshuffles() -> None:
     stream = BatchStream(indexed_examples(12), 4, seed=3)
-    epochs = [sorted(sum(first_ids([next(stream) for _ in range(3)]), [])) for _ in range(2)]
+    epochs = [sorted(flat(first_ids([next(stream) for _ in range(3)]))) for _ in range(2)]
     assert epochs == [list(range(12))] * 2
     assert stream.epoch == 1
     again = BatchStream(indexed_examples(12), 4, seed=3)
@@ -207,8 +208,8 @@ def test_sharded_streams_split_the_global_batch() -> None:
     ranks = [BatchStream(examples, 2, seed=1, rank=r, world_size=3) for r in range(3)]
     for _ in range(20):  # crosses epochs
         shards = [first_ids([next(stream)])[0] for stream in ranks]
-        assert sum(shards, []) == first_ids([next(single)])[0]
-        assert len(set(sum(shards, []))) == 6
+        assert flat(shards) == first_ids([next(single)])[0]
+        assert len(set(flat(shards))) == 6
 
 
 def test_stream_argument_errors() -> None:

@@ -66,7 +66,7 @@ def test_path_errors(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         resolve_model("./missing")
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config\.json"):
         resolve_model(tmp_path)
     (tmp_path / "weights.bin").write_text("")
     with pytest.raises(ValueError, match="got a file"):
@@ -76,8 +76,13 @@ def test_path_errors(tmp_path: Path) -> None:
 def test_load_local_dir_sets_pad_token_and_right_padding(tmp_path: Path) -> None:
     tokenizer = byte_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     original = LlamaForCausalLM(config).eval()
@@ -175,8 +180,10 @@ def test_smollm2_conversion_generates_sensibly(cache: Path) -> None:
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id == 2
     assert "<|im_start|>assistant" in (tokenizer.chat_template or "")
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True,
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=12, do_sample=False)

@@ -258,6 +258,7 @@ def test_combining_conv1d_layers_of_gpt2() -> None:
     ("plain", dict(names=["a"], weights=[1], method="ties"), "unknown combination method"),
     ("plain", dict(names=["a"], weights=[1], new_name="b"), "already exists"),
     ("plain", dict(names=["a"], weights=[1], method="cat", svd_rank=2), "needs method='svd'"),
+    ("plain", dict(names=["a"], weights=[1], new_name="half"), "invalid adapter name"),
     ("plain", dict(names=["a", "b"], weights=[1, 1], method="linear"), "equal ranks"),
     ("dora", dict(names=["a", "d"], weights=[1, 1], method="cat"), "DoRA"),
     ("bias", dict(names=["a", "bias"], weights=[1, 1], method="cat"), "trains biases"),
