@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -169,8 +171,16 @@ def test_concurrent_finisher_wins(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["m"]
 
 
+@pytest.fixture
+def throwaway_cache(cache: Path) -> Iterator[Path]:
+    """A cache removed after the test (a converted SmolLM2 takes 540 MB)."""
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_smollm2_conversion_generates_sensibly(cache: Path) -> None:
+def test_smollm2_conversion_generates_sensibly(throwaway_cache: Path) -> None:
+    cache = throwaway_cache
     model, tokenizer = load_model("smollm2-135m")
     path = cache / "models" / "smollm2-135m"
     assert {"model.safetensors", "tokenizer.json", "generation_config.json"} <= {p.name for p in path.iterdir()}
