@@ -158,7 +158,7 @@ def test_bit_identical_to_bitsandbytes(shape, dtype, double_quant):
 
 def test_bit_identical_to_bitsandbytes_large():
     torch.manual_seed(3)
-    weight = torch.randn(1024, 4096, dtype=torch.bfloat16)  # 65,536 blocks: 256 double-quant blocks
+    weight = torch.randn(512, 4096, dtype=torch.bfloat16)  # 32,768 blocks: 128 double-quant blocks
     packed, state, scales = bnb_quantize(weight, double_quant=True)
     ours = quantize_nf4(weight)
     assert torch.equal(ours.packed, packed)
@@ -167,6 +167,16 @@ def test_bit_identical_to_bitsandbytes_large():
     assert torch.equal(ours.absmax_offset, state.offset)
     assert torch.equal(ours.dequantize(torch.bfloat16), oracle_dequantize(packed, scales, weight.numel())
                        .to(torch.bfloat16).view(weight.shape))
+
+
+def test_all_zero_ragged_block_same_codes_as_bitsandbytes_with_zero_absmax():
+    weight = torch.randn(100)
+    weight[64:] = 0  # the ragged last block (36 elements) is all zero
+    packed, _, _ = bnb_quantize(weight, double_quant=False)
+    ours = quantize_nf4(weight, double_quant=False)
+    assert torch.equal(ours.packed, packed)
+    assert ours.absmax[1] == 0  # bitsandbytes stores its 1e-38 division guard here; the codes are all 7 either way
+    assert torch.all(ours.packed[32:] == 0x77)
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
@@ -381,6 +391,7 @@ def test_linear_from_transposed_weight_and_repr():
     conv1d_weight = torch.randn(64, 192)  # HF Conv1D stores [in, out]
     layer = NF4Linear.from_weight(conv1d_weight.T, blocksize=64, double_quant=False)
     assert (layer.in_features, layer.out_features) == (64, 192)
-    assert torch.equal(layer.dense_weight(), quantize_nf4(conv1d_weight.T.contiguous(), double_quant=False).dequantize())
+    expected = quantize_nf4(conv1d_weight.T.contiguous(), double_quant=False).dequantize()
+    assert torch.equal(layer.dense_weight(), expected)
     text = repr(layer)
     assert "in_features=64" in text and "out_features=192" in text and "nf4" in text

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,13 +63,15 @@ __all__ = [
     "quantize_nf4",
 ]
 
-NF4_OFFSET = 0.9677083  # quantile of the outermost NF4 level (QLoRA §3)
+NF4_OFFSET = 0.9677083  # probability at which the outermost NF4 level sits (QLoRA §3)
 ZERO_CODE = 7  # index of the level 0.0
 _DQ_GRID_POINTS = 65536  # 8-bit codes are picked on this grid over [-1, 1], as bitsandbytes' CPU kernel does
 _MIN_ABSMAX = 1e-38  # bitsandbytes' guard against 1/0; an all-zero block then scales to exact zeros
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CPU_DEQUANT_CHUNK_ELEMENTS = 1 << 19  # dequantize this many elements at a time on CPU: temporaries stay in cache
-_QUANTIZE_CHUNK_ELEMENTS = 1 << 22  # quantize this many elements at a time: bounds the float32 temporaries
+_TENSOR_FIELDS = ("packed", "absmax", "absmax_q", "absmax_scale", "absmax_offset")
+# Work on CPU goes in chunks of this many elements: float32 temporaries of 16 MiB stay below glibc's mmap threshold
+# (32 MiB), so they are reused rather than page-faulted in anew, while few chunks keep thread-pool handoffs rare.
+_CPU_CHUNK_ELEMENTS = 1 << 22
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,39 +107,42 @@ def dynamic_tree_map() -> Tensor:
     return torch.cat(levels).sort().values
 
 
-@functools.lru_cache(maxsize=None)
+# Lookup tables, built once on CPU (so every device gets the same bits) and cached per device.
+
+
+@functools.cache
 def _codebook_on(device: torch.device) -> Tensor:
     return nf4_codebook().to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _thresholds_on(device: torch.device) -> Tensor:
     """Float32 midpoints between adjacent NF4 levels [15]; bucketize against them rounds ties to the lower code."""
-    levels = _codebook_on(device)
-    return (levels[:-1] + levels[1:]) / 2
+    levels = nf4_codebook()
+    return ((levels[:-1] + levels[1:]) / 2).to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map_on(device: torch.device) -> Tensor:
     return dynamic_tree_map().to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grid_codes_on(device: torch.device) -> Tensor:
     """The 8-bit code of each point i of the grid -1 + 2i/65535 over [-1, 1] (nearest level, ties down) [65536]."""
-    levels = _dynamic_map_on(device)
+    levels = dynamic_tree_map()
     midpoints = (levels[:-1] + levels[1:]) * 0.5
-    grid = -1.0 + (2.0 * torch.arange(_DQ_GRID_POINTS, dtype=torch.float32, device=device)) / (_DQ_GRID_POINTS - 1)
-    return torch.bucketize(grid, midpoints).to(torch.uint8)
+    grid = -1.0 + (2.0 * torch.arange(_DQ_GRID_POINTS, dtype=torch.float32)) / (_DQ_GRID_POINTS - 1)
+    return torch.bucketize(grid, midpoints).to(torch.uint8).to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _byte_pair_table_on(device: torch.device) -> Tensor:
     """For each byte value, its two levels (high nibble first) as one int64 holding two float32s [256]."""
-    levels = _codebook_on(device)
-    byte = torch.arange(256, device=device)
+    levels = nf4_codebook()
+    byte = torch.arange(256)
     pairs = torch.stack([levels[byte >> 4], levels[byte & 15]], dim=1)  # [256, 2] float32
-    return pairs.contiguous().view(torch.int64).view(256)
+    return pairs.contiguous().view(torch.int64).view(256).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,12 +238,15 @@ class NF4Weight:
     # --- dequantization -------------------------------------------------------------------------------------------
 
     def absmax_float(self) -> Tensor:
-        """The float32 block scales [num_blocks], dequantized when double quantization is on."""
+        """The float32 block scales [num_blocks]: dequantized with double quantization, else ``absmax`` itself."""
         if self.absmax is not None:
             return self.absmax
         levels = _dynamic_map_on(self.device)[self.absmax_q.int()]  # [num_blocks]
-        scale = self.absmax_scale.repeat_interleave(self.double_quant_blocksize)[: self.num_blocks]
-        return levels * scale + self.absmax_offset
+        if self.num_blocks % self.double_quant_blocksize == 0:  # the usual case: a broadcast, no expanded copy
+            scaled = levels.view(-1, self.double_quant_blocksize).mul_(self.absmax_scale[:, None]).view(-1)
+        else:
+            scaled = levels.mul_(self.absmax_scale.repeat_interleave(self.double_quant_blocksize)[: self.num_blocks])
+        return scaled.add_(self.absmax_offset)  # two roundings (multiply, then add), as bitsandbytes does
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense tensor in its original shape: float32 level · scale, rounded once to ``dtype``."""
@@ -280,10 +288,10 @@ class NF4Weight:
         """Inverse of ``state_dict()`` / ``metadata()``; raises ValueError when they do not fit together."""
         if metadata.get("quant_type", "nf4") != "nf4":
             raise ValueError(f"NF4Weight: unsupported quant_type {metadata['quant_type']!r}")
-        dtype = getattr(torch, str(metadata["dtype"]), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"NF4Weight: unknown dtype {metadata['dtype']!r}")
-        unknown = set(tensors) - {"packed", "absmax", "absmax_q", "absmax_scale", "absmax_offset"}
+        dtype = {_dtype_name(d): d for d in _SUPPORTED_DTYPES}.get(str(metadata["dtype"]))
+        if dtype is None:
+            raise ValueError(f"NF4Weight: dtype must be float32, float16 or bfloat16, got {metadata['dtype']!r}")
+        unknown = set(tensors) - set(_TENSOR_FIELDS)
         if unknown or "packed" not in tensors:
             raise ValueError(f"NF4Weight: expected packed and scale tensors, got {sorted(tensors)}")
         offset = tensors.get("absmax_offset")
@@ -310,20 +318,26 @@ def _dequantize_blocks_into(out: Tensor, packed: Tensor, scales: Tensor) -> None
 
     out [blocks, blocksize], packed [blocks, blocksize / 2] uint8, scales [blocks] float32. Each byte indexes a
     table of level pairs stored as int64, so one int32-indexed gather writes two float32 values; the scale multiply
-    follows in place. On CPU the work goes in chunks of blocks so the index and float32 temporaries stay in cache.
+    follows. On CPU the work goes in chunks: the gather fills a float32 scratch chunk that stays small (and reused),
+    and the multiply writes the output, so the fresh output memory is first touched by a multi-threaded kernel.
+    Elsewhere there is one chunk, and a float32 output is filled in place.
     """
     table = _byte_pair_table_on(out.device)
     blocks = out.shape[0]
-    chunk = max(1, _CPU_DEQUANT_CHUNK_ELEMENTS // out.shape[1]) if out.device.type == "cpu" else blocks
-    in_place = out.dtype == torch.float32
-    scratch = None if in_place else torch.empty(min(chunk, blocks), out.shape[1], device=out.device)
+    on_cpu = out.device.type == "cpu"
+    chunk = max(1, _CPU_CHUNK_ELEMENTS // out.shape[1]) if on_cpu else blocks
+    direct = out.dtype == torch.float32 and not on_cpu
+    scratch = None if direct else torch.empty(min(chunk, blocks), out.shape[1], device=out.device)
     for start in range(0, blocks, chunk):
         stop = min(start + chunk, blocks)
-        values = out[start:stop] if in_place else scratch[: stop - start]  # [n, blocksize] float32
+        values = out[start:stop] if direct else scratch[: stop - start]  # [n, blocksize] float32
         torch.index_select(table, 0, packed[start:stop].reshape(-1).int(), out=values.view(torch.int64).view(-1))
-        values.mul_(scales[start:stop, None])
-        if not in_place:
-            out[start:stop].copy_(values)
+        if direct:
+            values.mul_(scales[start:stop, None])
+        elif out.dtype == torch.float32:
+            torch.mul(values, scales[start:stop, None], out=out[start:stop])
+        else:
+            out[start:stop].copy_(values.mul_(scales[start:stop, None]))
 
 
 def dequantize_reference(weight: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -402,7 +416,7 @@ def quantize_nf4(
         numel, full = flat.numel(), flat.numel() // blocksize  # full: complete blocks
         absmax = torch.empty(-(-numel // blocksize), dtype=torch.float32, device=flat.device)  # [num_blocks]
         packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device=flat.device)
-        chunk = max(1, _QUANTIZE_CHUNK_ELEMENTS // blocksize)  # blocks per chunk; bounds the temporaries
+        chunk = max(1, _CPU_CHUNK_ELEMENTS // blocksize)  # blocks per chunk; bounds the temporaries
         half = blocksize // 2  # bytes per block
         for start in range(0, full, chunk):
             stop = min(start + chunk, full)
@@ -413,8 +427,8 @@ def quantize_nf4(
             _quantize_rows_into(tail, absmax[full:], packed[full * half :], divide=True)
         if not torch.isfinite(absmax).all():
             raise ValueError("quantize_nf4: the weight holds inf or nan")
-        common = dict(packed=packed, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
-                      double_quant_blocksize=double_quant_blocksize)
+        common = {"packed": packed, "shape": weight.shape, "dtype": weight.dtype, "blocksize": blocksize,
+                  "double_quant_blocksize": double_quant_blocksize}
         if not double_quant:
             return NF4Weight(absmax=absmax, **common)
         offset = absmax.mean()
@@ -443,7 +457,8 @@ class _NF4LinearFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = NF4Weight.from_state_dict(dict(zip(ctx.tensor_names, ctx.saved_tensors)), ctx.weight_metadata)
+            tensors = dict(zip(ctx.tensor_names, ctx.saved_tensors, strict=True))
+            weight = NF4Weight.from_state_dict(tensors, ctx.weight_metadata)
             grad_x = grad_out.matmul(weight.dequantize(grad_out.dtype))  # [..., out] @ [out, in]
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
@@ -501,11 +516,12 @@ class NF4Linear(nn.Module):
 
     def quantized_weight(self) -> NF4Weight:
         """The ``NF4Weight`` view of this layer's buffers (shares their storage)."""
-        return NF4Weight.from_state_dict(dict(self.named_buffers(recurse=False)), self._metadata)
+        tensors = {name: self._buffers[name] for name in _TENSOR_FIELDS if self._buffers.get(name) is not None}
+        return NF4Weight.from_state_dict(tensors, self._metadata)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dequantized weight [out, in] in ``dtype`` (default: the compute dtype)."""
-        return self.quantized_weight().dequantize(dtype or self.compute_dtype)
+        return self.quantized_weight().dequantize(self.compute_dtype if dtype is None else dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.compute_dtype)
@@ -515,7 +531,8 @@ class NF4Linear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> NF4Linear:
         # Module.to(dtype) casts every floating buffer; the float32 scales must only move. An int32 view is not
         # floating, so fn moves it without casting, and viewing back restores the float32 bits.
-        scales = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.is_floating_point()}
+        scales = {name: self._buffers[name] for name in _TENSOR_FIELDS
+                  if self._buffers.get(name) is not None and self._buffers[name].is_floating_point()}
         for name in scales:
             self._buffers[name] = None
         super()._apply(fn, recurse)
