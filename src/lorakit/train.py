@@ -63,7 +63,7 @@ class TrainConfig:
     quantize: str | None = _opt(None, "quantize the frozen base: 'nf4' (QLoRA, with double quantization)",
                                 choices=(None, "nf4"))
     loraplus_ratio: float | None = _opt(None, "LoRA+: learning-rate ratio of B over A (e.g. 16); off by default")
-    lr: float = _opt(2e-4, "peak learning rate")
+    lr: float = _opt(1e-3, "peak learning rate")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_steps: int = _opt(10, "linear warmup steps, then cosine decay to zero")
     max_steps: int | None = _opt(None, "optimizer steps (overrides --epochs)")
@@ -83,7 +83,9 @@ class TrainConfig:
     log_every: int = _opt(10, "write training metrics every N steps")
     resume: bool = _opt(False, "continue from the checkpoint in --output-dir")
     threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
-    builtin_train_size: int = _opt(2000, "size of the built-in task's training split")
+    fsdp: bool = _opt(False, "under torchrun: shard the frozen base over the processes with FSDP2 (adapters stay "
+                             "whole on every process) instead of replicating it with DDP")
+    builtin_train_size: int = _opt(800, "size of the built-in task's training split")
 
     def adapter_config(self) -> LoraConfig | VeraConfig:
         targets = self.target_spec()
@@ -160,17 +162,20 @@ class Trainer:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
-        self.model, self.tokenizer = load_model(config.model, device=self.dist.device)
+        with self.dist.main_first():  # one process per node builds a built-in model's cache
+            self.model, self.tokenizer = load_model(config.model, device=self.dist.load_device(config.fsdp))
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self.data = load_datasets(config, self.tokenizer, max_positions)
         if config.quantize == "nf4":
             quantize(self.model)
         torch.manual_seed(config.seed)  # the same adapter init on every rank and in every run
         adapt(self.model, config.adapter_config())
+        if self.dist.active:
+            torch.manual_seed(config.seed + self.dist.rank)  # each rank its own dropout masks
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
-        self.wrapped = self.dist.wrap(self.model)
+        self.wrapped = self.dist.wrap(self.model, fsdp=config.fsdp)
         self.stream = BatchStream(self.data.train, config.batch_size * config.grad_accum, seed=config.seed,
                                   rank=self.dist.rank, world_size=self.dist.world_size)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.stream.steps_per_epoch))
@@ -206,9 +211,8 @@ class Trainer:
         final = self._evaluate("tuned")
         if self.dist.is_main:
             save_adapter(self.model, self.out / "adapter")
-            self._save_checkpoint()
             plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
-        self.dist.barrier()
+        self._save_checkpoint()  # on every rank: it gathers their RNG states and waits for rank 0's files
         self.echo(f"lorakit: adapter: {self.out / 'adapter'}  metrics: {self.out / 'metrics.jsonl'}  "
                   f"plot: {self.out / 'loss.png'}")
         return final
@@ -253,31 +257,43 @@ class Trainer:
         return False
 
     def _optimizer_step(self) -> tuple[float, int]:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss (all ranks) and tokens seen."""
+        """One optimizer step over grad_accum micro-batches; returns the loss (all ranks) and tokens seen (all ranks).
+
+        One micro-batch on one process uses the model's own mean token loss; otherwise the step's loss is the sum over
+        every loss token of every micro-batch and rank divided by their global count (see distributed.py).
+        """
         config = self.config
         examples = next(self.stream)
-        micro = [examples[i:i + config.batch_size] for i in range(0, len(examples), config.batch_size)]
-        total_loss, tokens = 0.0, 0
-        for index, chunk in enumerate(micro):
-            batch = {k: v.to(self.dist.device) for k, v in collate(chunk, self.tokenizer.pad_token_id).items()}
-            with self.dist.no_sync(self.wrapped, last=index == len(micro) - 1):
+        batches = [{k: v.to(self.dist.device) for k, v in collate(examples[i:i + config.batch_size],
+                                                                   self.tokenizer.pad_token_id).items()}
+                   for i in range(0, len(examples), config.batch_size)]
+        summed = self.dist.active or len(batches) > 1
+        loss_tokens, tokens = self.dist.sum_ints([sum(map(distributed.loss_token_count, batches)),
+                                                  sum(int(b["attention_mask"].sum()) for b in batches)])
+        total_loss = 0.0
+        for index, batch in enumerate(batches):
+            with self.dist.no_sync(self.wrapped, last=index == len(batches) - 1):
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast is not None):
-                    loss = self.wrapped(**batch).loss / len(micro)
-                loss.backward()
+                    if summed:
+                        loss = distributed.summed_token_loss(self.wrapped, batch) / max(loss_tokens, 1)
+                    else:
+                        loss = self.wrapped(**batch).loss
+                self.dist.scale_loss(loss).backward()
             total_loss += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+        self.dist.reduce_gradients(self.wrapped)
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                            config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.dist.mean(total_loss), tokens * self.dist.world_size
+        return self.dist.sum(total_loss), tokens
 
     # -- evaluation, checkpoints ----------------------------------------------------------------------------------
 
     def _evaluate(self, tag: str, exact: bool = True) -> dict[str, Any]:
-        if not self.data.eval or not self.dist.is_main:
+        evaluates = self.dist.is_main or distributed.is_sharded(self.wrapped)  # a sharded forward needs every rank
+        if not self.data.eval or not evaluates:
             self.dist.barrier()
             return {}
         result: dict[str, Any] = evaluate_loss(self.model, self.data.eval, self.config.batch_size,
@@ -295,14 +311,17 @@ class Trainer:
         return result
 
     def _save_checkpoint(self) -> None:
+        rng_states = self.dist.rng_states()
         if self.dist.is_main:
             extra = {"step": self.step, "stream": self.stream.state_dict(), "world_size": self.dist.world_size,
                      "config": dataclasses.asdict(self.config)}
-            save_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self.scheduler, extra)
+            save_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self.scheduler, extra,
+                            rng_states=rng_states)
         self.dist.barrier()
 
     def _resume(self) -> None:
-        state = load_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self.scheduler)
+        state = load_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self.scheduler,
+                                rank=self.dist.rank)
         saved = state["config"]
         for key in ("model", "method", "r", "targets", "quantize", "batch_size", "grad_accum", "seed"):
             if saved.get(key) != getattr(self.config, key):
