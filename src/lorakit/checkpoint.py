@@ -1,7 +1,8 @@
 """Training checkpoints in safetensors + JSON only (nothing is pickled), written atomically.
 
 A checkpoint directory holds the adapter in PEFT's format (`adapter/`), `optimizer.safetensors` (every optimizer state
-tensor, keyed `<param index>.<name>`, plus the RNG states), and `state.json` (step, optimizer param-group settings,
+tensor, keyed `<param index>.<name>`, plus the torch RNG state `rng.torch`, and `rng.torch.<rank>` for the other ranks
+of a distributed run, which draw their own dropout masks), and `state.json` (step, optimizer param-group settings,
 scheduler, data-stream position, Python RNG state). It is written to a temporary sibling directory and renamed into
 place, so a run killed at any moment leaves either the previous checkpoint or the new one, never a mix.
 """
@@ -12,6 +13,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +47,20 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     extra: dict[str, Any],
     adapter_name: str = "default",
+    rng_states: Sequence[torch.Tensor] | None = None,
 ) -> Path:
-    """Atomically write everything a run needs to continue exactly where it stopped."""
+    """Atomically write everything a run needs to continue exactly where it stopped.
+
+    `rng_states` are the torch RNG states of all ranks in rank order (default: this process's alone).
+    """
     target = Path(directory)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_adapter(model, tmp / "adapter", adapter_name)
     tensors, optimizer_meta = _optimizer_tensors(optimizer)
-    tensors["rng.torch"] = torch.get_rng_state()
+    for rank, rng_state in enumerate(rng_states or [torch.get_rng_state()]):
+        tensors["rng.torch" + (f".{rank}" if rank else "")] = rng_state
     save_file(tensors, tmp / TENSORS_NAME)
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state = {"optimizer": optimizer_meta, "scheduler": scheduler_state, "python_rng": _python_rng(), **extra}
@@ -77,8 +84,10 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     adapter_name: str = "default",
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore adapter weights, optimizer, scheduler and RNG states; returns the extra state saved with them."""
+    """Restore adapter weights, optimizer, scheduler and RNG states (`rank`'s own torch RNG state); returns the
+    extra state saved with them."""
     from .peft_format import read_adapter_tensors
 
     source = Path(directory)
@@ -95,7 +104,8 @@ def load_checkpoint(
                                  f"the model needs {tuple(target.shape)} (different method or rank?)")
             target.copy_(saved[key])
     tensors = load_file(source / TENSORS_NAME)
-    torch.set_rng_state(tensors.pop("rng.torch"))
+    rng_states = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng.torch")]}
+    torch.set_rng_state(rng_states["rng.torch" + (f".{rank}" if rank else "")])
     optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     version, internal, gauss = state["python_rng"]
