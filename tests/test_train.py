@@ -64,6 +64,22 @@ def test_train_eval_merge_generate_round_trip(tmp_path: Path, capsys: pytest.Cap
     assert main(["generate", "--model", str(merged), "--prompt", "Convert 2024-01-02", "--max-new-tokens", "5"]) == 0
 
 
+def test_quantized_model_directory_trains_and_merges(tmp_path: Path) -> None:
+    nf4 = tmp_path / "nf4"
+    assert main(["quantize", "--model", "tiny-llama", "--output-dir", str(nf4)]) == 0
+    model, _ = load_model(str(nf4))
+    assert any(isinstance(m, lorakit.NF4Linear) for m in model.modules())
+    assert main(["train", *FAST, "--model", str(nf4), "--max-steps", "2", "--output-dir", str(tmp_path / "q")]) == 0
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(nf4), "--adapter", str(tmp_path / "q" / "adapter"),
+                 "--output-dir", str(merged)]) == 0
+    ids = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(1))
+    adapted = lorakit.load_adapter(load_model(str(nf4))[0], tmp_path / "q" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits,
+                                   adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def _adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 

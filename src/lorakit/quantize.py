@@ -8,7 +8,8 @@ A quantized model is saved as a directory holding `model.safetensors` (the model
 packed codes and scales under `<layer path>.<packed|absmax|absmax_q|absmax_scale|absmax_offset>`, non-persistent
 buffers such as rotary frequencies under `non_persistent_buffer:<path>`) and
 `lorakit_quantization.json` (format version and, per quantized layer, the NF4 metadata, compute dtype and whether it
-came from a Conv1D); an HF model also gets its `config.json`.
+came from a Conv1D, and which tied weights were stored once); an HF model also gets its `config.json` and
+`generation_config.json`, so `lorakit.models.load_model` (and `--model` on the command line) loads the directory.
 """
 
 from __future__ import annotations
@@ -153,19 +154,24 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     }
     state: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
     for key, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:  # tied weights are stored once; tie_weights() restores them on load
+        if tensor.data_ptr() in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
+            tied[key] = seen[tensor.data_ptr()]
             continue
         seen[tensor.data_ptr()] = key
         state[key] = tensor.contiguous().cpu()
     for key, buffer in _non_persistent_buffers(model):  # e.g. rotary inv_freq: needed to rebuild a meta skeleton
         state[BUFFER_PREFIX + key] = buffer.contiguous().cpu()
     save_file(state, directory / QUANT_WEIGHTS_NAME, metadata={"format": "pt"})
-    manifest = {"format_version": FORMAT_VERSION, "layers": layers}
+    manifest = {"format_version": FORMAT_VERSION, "layers": layers, "tied": tied}
     (directory / QUANT_CONFIG_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(directory)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
     return directory
 
 
@@ -196,12 +202,14 @@ def load_quantized(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise ValueError(f"{directory / QUANT_WEIGHTS_NAME}: unexpected tensor {unexpected[0]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    still_meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
-    still_meta += [n for n in missing if not _is_nf4_key(model, n)]
-    if still_meta:
-        raise ValueError(f"{directory / QUANT_WEIGHTS_NAME}: missing tensor {still_meta[0]}")
+    for alias, source in manifest.get("tied", {}).items():
+        owner, _, name = alias.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, name, model.get_parameter(source))
+    tied = set(manifest.get("tied", {}))
+    absent = [n for n in missing if n not in tied and not _is_nf4_key(model, n)]
+    absent += [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
+    if absent:
+        raise ValueError(f"{directory / QUANT_WEIGHTS_NAME}: missing tensor {absent[0]}")
     model.requires_grad_(False)
     return model
 
