@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import peft
@@ -16,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 import lorakit
-from lorakit.combine import combine_adapters
 from conftest import model_input, randomize_adapters, tiny_gpt2, tiny_llama
+from lorakit.combine import combine_adapters
 
 # Layer paths of the tiny Llama (2 blocks).
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -162,10 +163,11 @@ def test_svd_is_the_best_rank_k_approximation(svd_rank: int | None) -> None:
     combine_adapters(model, names, weights, "svd", new_name="mix", svd_rank=svd_rank)
     for path in paths(model):
         target = target_delta(model, names, weights, path)
-        ranks = [model.get_submodule(path).adapters[n].delta.r for n in names if n in model.get_submodule(path).adapters]
+        adapters = model.get_submodule(path).adapters
+        ranks = [adapters[n].delta.r for n in names if n in adapters]
         k = svd_rank or max(ranks)
         expected = target if k >= sum(ranks) else best_rank_k(target, k)
-        assert model.get_submodule(path).adapters["mix"].delta.r == min(k, sum(ranks))
+        assert adapters["mix"].delta.r == min(k, sum(ranks))
         assert_close64(new_delta(model, "mix", path), expected)
 
 
@@ -294,7 +296,7 @@ def three_method_model() -> nn.Module:
     return model
 
 
-def alone(model: nn.Module, name: str, run: callable) -> Tensor:
+def alone(model: nn.Module, name: str, run: Callable[[], Tensor]) -> Tensor:
     """`run()` with only adapter `name` active ("__base__": adapters disabled)."""
     if name == "__base__":
         with lorakit.disable_adapters(model):
@@ -311,7 +313,7 @@ def test_mixed_batch_equals_each_sample_alone() -> None:
         mixed = model(input_ids=ids).logits
     for i, name in enumerate(names):
         with torch.no_grad():
-            expected = alone(model, name, lambda: model(input_ids=ids[i : i + 1]).logits)
+            expected = alone(model, name, lambda i=i: model(input_ids=ids[i : i + 1]).logits)
         torch.testing.assert_close(mixed[i : i + 1], expected, rtol=1e-5, atol=1e-5)
     assert all(layer.routing is None for _, layer in lorakit.adapted_layers(model))
 
@@ -325,12 +327,14 @@ def test_mixed_batch_generate_equals_per_sample_generate() -> None:
         mixed = model.generate(input_ids=ids, **options)
     for i, name in enumerate(names):
         with torch.no_grad():
-            expected = alone(model, name, lambda: model.generate(input_ids=ids[i : i + 1], **options))
+            expected = alone(model, name, lambda i=i: model.generate(input_ids=ids[i : i + 1], **options))
         assert torch.equal(mixed[i : i + 1], expected)
 
 
 def test_mixed_batch_rejects_unknown_names() -> None:
     model = three_method_model()
-    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
-        with lorakit.mixed_batch(model, ["lora", "nope"]):
-            pass
+    with (
+        pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"),
+        lorakit.mixed_batch(model, ["lora", "nope"]),
+    ):
+        pass

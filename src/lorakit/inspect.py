@@ -35,6 +35,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,10 @@ from .config import AdapterConfig, VeraConfig
 from .layer import AdaptedLinear
 from .model import adapted_layers
 from .peft_format import PREFIX, load_adapter, read_adapter_config, read_adapter_tensors
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from transformers import PreTrainedTokenizerBase
 
 GB = 1e9
 METHODS = ("lora", "dora", "vera")
@@ -228,25 +233,22 @@ def _activation_bytes(shape: ModelShape, batch: int, seq: int, checkpointing: bo
 
 def format_plan(result: Plan) -> str:
     s = result.shape
-    lines = [
-        f"{s.name}: {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, "
-        f"{s.parameters / 1e9:.2f}B parameters ({s.linear_parameters / 1e9:.2f}B in quantizable linear layers)",
-        f"{result.method} r={result.r} on {','.join(result.targets)}: {result.trainable:,} trainable parameters "
-        f"({100 * result.trainable / s.parameters:.4f}%), adapter file {_size(result.adapter_file_bytes)}"
-        + (" (with the shared projections)" if result.method == "vera" else ""),
-        f"NF4 scale overhead: {scale_overhead_bits(False):.3f} bits/weight, "
-        f"double-quantized {scale_overhead_bits(True):.3f} bits/weight",
-        f"training state (fp32 weights + gradients + AdamW moments, {TRAIN_BYTES_PER_PARAM} B/param): "
-        f"{_size(result.training_state_bytes)}; activations (batch {result.batch} x {result.seq} tokens, "
-        f"{'with' if result.gradient_checkpointing else 'no'} gradient checkpointing, rough): "
-        f"{_size(result.activation_bytes)}",
-        "",
-        "| base | weights | training peak (rough) |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {base} | {_size(size)} | {_size(result.training_peak(base))} |"
+    model = (f"{s.name}: {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, "
+             f"{s.parameters / 1e9:.2f}B parameters ({s.linear_parameters / 1e9:.2f}B in quantizable linear layers)")
+    projections = " (with the shared projections)" if result.method == "vera" else ""
+    adapter = (f"{result.method} r={result.r} on {','.join(result.targets)}: {result.trainable:,} trainable "
+               f"parameters ({100 * result.trainable / s.parameters:.4f}%), "
+               f"adapter file {_size(result.adapter_file_bytes)}{projections}")
+    overhead = (f"NF4 scale overhead: {scale_overhead_bits(False):.3f} bits/weight, "
+                f"double-quantized {scale_overhead_bits(True):.3f} bits/weight")
+    checkpointing = "with" if result.gradient_checkpointing else "no"
+    training = (f"training state (fp32 weights + gradients + AdamW moments, {TRAIN_BYTES_PER_PARAM} B/param): "
+                f"{_size(result.training_state_bytes)}; activations (batch {result.batch} x {result.seq} tokens, "
+                f"{checkpointing} gradient checkpointing, rough): {_size(result.activation_bytes)}")
+    table = ["| base | weights | training peak (rough) |", "|---|---|---|"]
+    table += [f"| {base} | {_size(size)} | {_size(result.training_peak(base))} |"
               for base, size in result.base_bytes.items()]
-    return "\n".join(lines)
+    return "\n".join([model, adapter, overhead, training, "", *table])
 
 
 def _size(n: float) -> str:
@@ -396,7 +398,7 @@ def _maybe(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def _figure(width: float, height: float):  # -> matplotlib.figure.Figure
+def _figure(width: float, height: float) -> Figure:
     """A figure drawn by the Agg canvas: no pyplot, no display, no global backend change."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -417,7 +419,7 @@ def plot_analysis(rows: Sequence[LayerAnalysis], png: str | os.PathLike[str]) ->
                              (row.singular_values / row.singular_values[0]).numpy(), alpha=0.5)
     axes[0].set(title="singular values of s·ΔW / σ_max", xlabel="index", ylabel="σ_k / σ_max")
     axes[1].bar(range(len(rows)), [row.delta_norm for row in rows])
-    axes[1].set(title="‖s·ΔW‖_F per layer", xlabel="layer index (file order)", ylabel="Frobenius norm")
+    axes[1].set(title="‖s·ΔW‖_F per layer", xlabel="layer (table order)", ylabel="Frobenius norm")
     if with_base:
         axes[2].scatter([row.direction_change for row in rows], [row.magnitude_change for row in rows])
         axes[2].set(title="direction vs magnitude change", xlabel="mean 1 − cos(W', W)",
@@ -425,7 +427,7 @@ def plot_analysis(rows: Sequence[LayerAnalysis], png: str | os.PathLike[str]) ->
     return _save(figure, png)
 
 
-def _save(figure, png: str | os.PathLike[str]) -> Path:
+def _save(figure: Figure, png: str | os.PathLike[str]) -> Path:
     path = Path(png)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
@@ -455,8 +457,9 @@ class KeyValueMap:
         return self.scaling * self.activations @ self.values.T
 
 
-def key_value_maps(model: nn.Module, tokenizer: object, text: str, adapter_name: str | None = None
-                   ) -> list[KeyValueMap]:
+def key_value_maps(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, adapter_name: str | None = None
+) -> list[KeyValueMap]:
     """Run `text` through `model` and read every adapted layer's rank components (forward hooks on the inputs).
 
     `adapter_name` defaults to the first active adapter of the first adapted layer.
@@ -464,7 +467,7 @@ def key_value_maps(model: nn.Module, tokenizer: object, text: str, adapter_name:
     layers = dict(adapted_layers(model))
     if not layers:
         raise ValueError("the model has no adapters")
-    name = adapter_name or next((l.active[0] for l in layers.values() if l.active), None)
+    name = adapter_name or next((layer.active[0] for layer in layers.values() if layer.active), None)
     if name is None or not any(name in layer.adapters for layer in layers.values()):
         raise ValueError(f"adapter {name!r} is not in the model")
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:1]  # [1, T]
@@ -585,8 +588,27 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "KeyValueMap", "LayerAnalysis", "ModelShape", "Plan", "SHAPES", "analyze_adapter", "analyze_model",
-    "base_weight_bytes", "effective_rank", "format_analysis", "format_key_values", "format_plan", "key_value_maps",
-    "plan", "plot_analysis", "plot_key_values", "rank_above", "register_cli", "resolve_shape", "scale_overhead_bits",
-    "shape_from_config", "singular_values", "trainable_count",
+    "SHAPES",
+    "KeyValueMap",
+    "LayerAnalysis",
+    "ModelShape",
+    "Plan",
+    "analyze_adapter",
+    "analyze_model",
+    "base_weight_bytes",
+    "effective_rank",
+    "format_analysis",
+    "format_key_values",
+    "format_plan",
+    "key_value_maps",
+    "plan",
+    "plot_analysis",
+    "plot_key_values",
+    "rank_above",
+    "register_cli",
+    "resolve_shape",
+    "scale_overhead_bits",
+    "shape_from_config",
+    "singular_values",
+    "trainable_count",
 ]
