@@ -1,5 +1,6 @@
 """lorakit: parameter-efficient fine-tuning for PyTorch (LoRA, LoRA+, QLoRA/NF4, DoRA, VeRA) in PEFT's format."""
 
+from .combine import combine_adapters
 from .config import LoraConfig, VeraConfig
 from .layer import AdaptedLinear, Adapter
 from .model import (
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedLinear", "Adapter", "LoraConfig", "MemoryFootprint", "NF4Linear", "NF4Weight", "load_quantized",
     "memory_footprint", "quantize", "quantize_nf4", "save_quantized", "ParameterCount", "VeraConfig", "adapt", "adapted_layers",
-    "adapter_configs", "adapter_state_dict", "create_loraplus_optimizer", "delete_adapter", "disable_adapters",
+    "adapter_configs", "adapter_state_dict", "combine_adapters", "create_loraplus_optimizer", "delete_adapter", "disable_adapters",
     "load_adapter", "loraplus_param_groups", "merge", "merge_and_unload", "mixed_batch", "read_adapter_config", "save_adapter",
     "set_adapter", "trainable_parameters", "unload", "unmerge",
 ]
