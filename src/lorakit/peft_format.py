@@ -86,10 +86,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: s
     if adapter_name not in configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(configs)}")
     config = configs[adapter_name]
-    if isinstance(config, VeraConfig) and any(
-        layer.adapters[adapter_name].use_dora for _, layer in adapted_layers(model) if adapter_name in layer.adapters
-    ):
-        raise ValueError("DoRA over VeRA has no PEFT format; save it with lorakit.save_checkpoint instead")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
