@@ -33,8 +33,10 @@ from lorakit.cli import main
 from lorakit.models import load_model
 from lorakit.train import Trainer
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available() and "fork" in mp.get_all_start_methods()),
+    reason="needs torch.distributed with the gloo backend and fork()",
+)
 
 WORLD = 2
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_script.py"
