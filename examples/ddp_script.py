@@ -5,8 +5,9 @@
 What matters for adapters under DDP:
 - every rank builds the same base and the same adapter init: seed identically before `lorakit.adapt`;
 - frozen base weights have no gradients, so DDP all-reduces the adapter gradients only;
-- `broadcast_buffers=False`: lorakit's buffers (VeRA's shared projections, NF4's packed weights) are equal on every
-  rank already, and DDP would otherwise copy them from rank 0 at every forward;
+- with VeRA or an NF4 base, pass `forward_sync_buffers=False` (`broadcast_buffers=False` on older torch): their
+  buffers (shared projections, packed weights) are equal on every rank already, and DDP would otherwise copy them
+  from rank 0 at every forward;
 - save from rank 0, from the inner model (`ddp.module` or the model you wrapped), so keys carry no "module." prefix.
 Each rank here sees batches with equal token counts, so Hugging Face's per-rank mean loss is the global mean; with
 padding or masked prompts, sum the token losses and divide by the global count (what `lorakit train` does).
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          num_key_value_heads=2, vocab_size=256)
     model = LlamaForCausalLM(config).to(device)
     lorakit.adapt(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
 
     data = torch.randint(0, 256, (8 * world_size, 32), generator=torch.Generator().manual_seed(1))

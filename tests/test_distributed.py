@@ -157,10 +157,11 @@ def test_torchrun_ddp_matches_one_process_with_the_global_batch(tmp_path: Path) 
     assert (tmp_path / "ddp" / "checkpoint" / "state.json").is_file() and (tmp_path / "ddp" / "loss.png").is_file()
 
 
-def test_fsdp_lora_dora_and_vera_match_one_process(tmp_path: Path) -> None:
+def test_fsdp_lora_dora_vera_and_qlora_match_one_process(tmp_path: Path) -> None:
     data = _write_data(tmp_path)
     methods = {"lora": ["--r", "4"], "vera": ["--method", "vera", "--r", "16", "--lr", "2e-2"],
-               "dora": ["--method", "dora", "--r", "4", "--grad-accum", "2"]}
+               "dora": ["--method", "dora", "--r", "4", "--grad-accum", "2"],  # token-weighted over micro-batches too
+               "qlora": ["--quantize", "nf4", "--r", "4"]}  # NF4's packed weights stay whole on every rank
     for name, options in methods.items():
         assert main(_args(data, tmp_path / f"single-{name}", 4, "--max-steps", "4", *options)) == 0
     argvs = [_args(data, tmp_path / f"fsdp-{name}", 2, "--max-steps", "4", "--fsdp", *options)

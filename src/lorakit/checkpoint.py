@@ -86,8 +86,10 @@ def load_checkpoint(
     adapter_name: str = "default",
     rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore adapter weights, optimizer, scheduler and RNG states (`rank`'s own torch RNG state); returns the
-    extra state saved with them."""
+    """Restore adapter weights, optimizer, scheduler and RNG states; returns the extra state saved with them.
+
+    `rank` picks this process's own torch RNG state from the checkpoint of a distributed run.
+    """
     from .peft_format import read_adapter_tensors
 
     source = Path(directory)
@@ -105,7 +107,10 @@ def load_checkpoint(
             target.copy_(saved[key])
     tensors = load_file(source / TENSORS_NAME)
     rng_states = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng.torch")]}
-    torch.set_rng_state(rng_states["rng.torch" + (f".{rank}" if rank else "")])
+    rng_key = "rng.torch" + (f".{rank}" if rank else "")
+    if rng_key not in rng_states:
+        raise ValueError(f"checkpoint {source} was written by {len(rng_states)} process(es); resume with as many")
+    torch.set_rng_state(rng_states[rng_key])
     optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     version, internal, gauss = state["python_rng"]

@@ -12,8 +12,8 @@ Two ways to spread the model (`DistContext.wrap`):
   (`forward_sync_buffers=False`): those lorakit adds (VeRA's shared projections, DoRA's cached row norms, NF4's packed
   weights) follow from the seed or the base weights, so they are equal on every rank already, and broadcasting them
   at each forward would copy the quantized base every step. DDP's start-up broadcast of every parameter (the whole
-  base) is replaced by `check_replicated`, which compares exact integer fingerprints of all parameters across ranks
-  and stops the run with the name of the first one that differs (another base, or another adapter init).
+  base) is skipped (torch 2.6+) for `check_replicated`, which compares exact integer fingerprints of all parameters
+  across ranks and stops the run with the name of the first one that differs (another base, another adapter init).
 - **FSDP2** (`fsdp=True`): `fully_shard` on every decoder layer (the model's `_no_split_modules`) and on the root
   shards the frozen base, so a rank keeps 1/world_size of it between uses and gathers one layer at a time. The
   adapters are FSDP's `ignored_params`: whole on every rank, their gradients all-reduced here in one flat buffer
