@@ -139,6 +139,7 @@ class AdaptedLinear(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.routing: list[tuple[str, Tensor]] | None = None  # mixed batch: (adapter or "__base__", sample indices)
+        self.routing_batch = 0  # the batch size the routing was given for
         self.register_buffer("row_norm_sq", None, persistent=False)  # [out] ‖W_i‖², cached; cleared when W changes
 
     @property
@@ -173,13 +174,17 @@ class AdaptedLinear(nn.Module):
         """Each sample (dim 0) gets its own adapter: one gather, update and scatter-add per adapter, not per sample."""
         if self.merged:
             raise RuntimeError("a mixed batch needs unmerged adapters; unmerge() first")
-        out = base_out
+        if x.shape[0] != self.routing_batch:
+            raise ValueError(f"mixed_batch was given {self.routing_batch} adapter names for a batch of {x.shape[0]}")
+        out = None
         for name, index in self.routing:
             if name not in self.adapters:
                 continue
-            update = self.adapters[name].update(x.index_select(0, index), base_out.index_select(0, index), self)
-            out = out.index_add(0, index, update.to(out.dtype))  # [batch, ..., out]
-        return out
+            adapter = self.adapters[name]
+            rows = base_out.index_select(0, index) if adapter.use_dora else base_out  # only DoRA reads W·x
+            update = adapter.update(x.index_select(0, index), rows, self).to(base_out.dtype)
+            out = base_out.index_add(0, index, update) if out is None else out.index_add_(0, index, update)
+        return base_out if out is None else out
 
     @torch.no_grad()
     def project_base(self, rows: Tensor) -> Tensor:

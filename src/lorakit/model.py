@@ -93,7 +93,7 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it or choose another name")
-    if not adapter_name or "." in adapter_name or adapter_name == "__base__":
+    if not adapter_name or "." in adapter_name or adapter_name == "__base__" or hasattr(nn.ModuleDict, adapter_name):
         raise ValueError(f"invalid adapter name {adapter_name!r}")
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     layers = {path: _wrap(model, path) for path in targets}
@@ -243,6 +243,9 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
     unknown = sorted({n for n in adapter_names if n != BASE and n not in configs})
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(configs)} (and {BASE!r})")
+    with_copies = sorted({n for n in adapter_names if n != BASE and configs[n].modules_to_save})
+    if with_copies:
+        raise ValueError(f"adapters {with_copies} train modules_to_save, which a mixed batch cannot route per sample")
     layers = [layer for _, layer in adapted_layers(model)]
     if not layers:
         raise ValueError("the model has no adapters")
@@ -252,7 +255,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
         for name in dict.fromkeys(adapter_names) if name != BASE
     ]
     for layer in layers:
-        layer.routing = routing
+        layer.routing, layer.routing_batch = routing, len(adapter_names)
     try:
         yield model
     finally:
