@@ -9,7 +9,7 @@ jobs share the CPUs, as timeit's documentation advises). Cases:
 - lorakit-<method>-mixed: two adapters and the base model in one batch (`lorakit.mixed_batch`), LoRA, DoRA and VeRA;
 - peft-lora-single / peft-lora-mixed: PEFT, the mixed batch through its `adapter_names=` forward argument.
 Every adapter targets all linear layers of the blocks at the same rank (VeRA too, so that only routing differs).
-Usage: python benchmarks/bench_mixed_batch.py [--rounds 5] [--repeats 3] [--quick]
+Usage: python benchmarks/bench_mixed_batch.py [--rounds 15] [--repeats 1] [--threads 2] [--clock wall|cpu] [--quick]
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds over all cases")
-    parser.add_argument("--repeats", type=int, default=3, help="forwards per case per round (their mean is one sample)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds over all cases")
+    parser.add_argument("--repeats", type=int, default=1, help="forwards per case per round (their mean is one sample)")
     parser.add_argument("--clock", choices=CLOCKS, default="wall",
                         help="wall: elapsed time; cpu: CPU time of this process (steadier on a shared machine, "
                              "meaningful with --threads 1, since idle threads may spin)")

@@ -75,7 +75,7 @@ def combine_adapters(
     The active adapters stay as they were; `set_adapter(model, new_name)` switches to the new one, and
     `save_adapter(model, path, new_name)` writes it in PEFT's format.
     """
-    configs = _check_request(model, list(names), list(weights), method, new_name, svd_rank)
+    configs = _check_request(model, names, list(weights), method, new_name, svd_rank)
     combine = _COMBINERS[method]
     factors: dict[str, Factors] = {}
     for path, layer in adapted_layers(model):
@@ -86,9 +86,11 @@ def combine_adapters(
 
 
 def _check_request(
-    model: nn.Module, names: list[str], weights: list[float], method: str, new_name: str, svd_rank: int | None
+    model: nn.Module, names: Sequence[str], weights: list[float], method: str, new_name: str, svd_rank: int | None
 ) -> list[AdapterConfig]:
     configs = adapter_configs(model)
+    if isinstance(names, str):
+        raise TypeError(f"names must be a list of adapter names, got the string {names!r}")
     if method not in METHODS:
         raise ValueError(f"unknown combination method {method!r}; choose one of {METHODS}")
     if not names:
