@@ -106,17 +106,22 @@ def _atomic_write(target: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
-def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:
-    file = Path(path) / CONFIG_NAME
+def read_json_object(file: Path, kind: str) -> dict[str, Any]:
+    """A JSON object from `file`, with one clear error for a missing file, bad JSON or another JSON type."""
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: not a PEFT adapter directory")
+        raise FileNotFoundError(f"{file} not found: not a {kind} directory")
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{file}: invalid JSON ({error})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a JSON object")
-    return config_from_peft_dict(data, str(file))
+    return data
+
+
+def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:
+    file = Path(path) / CONFIG_NAME
+    return config_from_peft_dict(read_json_object(file, "PEFT adapter"), str(file))
 
 
 def read_adapter_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:

@@ -223,13 +223,10 @@ def _is_nf4_key(model: nn.Module, key: str) -> bool:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
+    from .peft_format import read_json_object
+
     file = directory / QUANT_CONFIG_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: not a lorakit quantized model directory")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{file}: invalid JSON ({error})") from None
+    manifest = read_json_object(file, "lorakit quantized model")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file}: unsupported format_version {manifest.get('format_version')!r}")
     return manifest
