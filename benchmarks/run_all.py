@@ -105,7 +105,7 @@ def machine() -> str:
             + ", ".join(versions))
 
 
-def write_results(out: Path, quick: bool, total: float, prefix: list[str]) -> Path:
+def write_results(out: Path, quick: bool, prefix: list[str]) -> Path:
     sections = []
     for part in PARTS:
         raw = out / "raw" / f"{part.name}.json"
@@ -115,7 +115,8 @@ def write_results(out: Path, quick: bool, total: float, prefix: list[str]) -> Pa
         "# lorakit benchmark results" + (" (quick smoke run: not the published figures)" if quick else ""),
         "",
         (f"Written by `python benchmarks/run_all.py{' --quick' if quick else ''}` (`make bench{'-quick' if quick else ''}`)"
-        f" on {dt.date.today().isoformat()}; this run took {total / 60:.1f} min."),
+         f" on {dt.date.today().isoformat()}; the parts take {sum(s['seconds'] for s in sections) / 60:.1f} min in all"
+         " (each section gives its command, wall time and date; `--parts` re-runs some of them)."),
         "",
         (f"Machine: {machine()}. Priority: {'real-time (`chrt -f 5`)' if prefix else 'normal (chrt not permitted)'}."
         " Every comparison runs lorakit and the peer in the same script on the same model and data; read the ratios,"
@@ -154,7 +155,7 @@ def main() -> None:
     prefix = priority_prefix()
     start = time.perf_counter()
     failed = [n for n in names if not run_part(known[n], args.quick, out, prefix)["ok"]]
-    path = write_results(out, args.quick, time.perf_counter() - start, prefix)
+    path = write_results(out, args.quick, prefix)
     print(f"\nwrote {path.relative_to(ROOT)} in {(time.perf_counter() - start) / 60:.1f} min"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     sys.exit(1 if failed else 0)

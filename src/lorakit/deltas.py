@@ -98,7 +98,10 @@ class VeRADelta(nn.Module):
     def forward(self, x: Tensor, scale: float) -> Tensor:
         a_t = self.projections.vera_A_t[: self.in_features].to(x.dtype)  # [in, r], contiguous
         hidden = (x @ a_t) * (self.vera_lambda_d * scale)  # [..., r]
-        return F.linear(hidden, self.vera_lambda_b[:, None] * self._up())  # λ_b folded into [out, r], not [..., out]
+        if torch.is_grad_enabled() and self.vera_lambda_b.requires_grad:
+            # λ_b on the output: folded into the frozen B, autograd would form B's whole [out, r] gradient (a matmul)
+            return F.linear(hidden, self._up()) * self.vera_lambda_b  # [..., out]
+        return F.linear(hidden, self.vera_lambda_b[:, None] * self._up())  # no gradient: fold λ_b into [out, r]
 
     def _up(self) -> Tensor:
         return self.projections.vera_B[: self.out_features].to(self.vera_lambda_b.dtype)  # [out, r]

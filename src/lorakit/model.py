@@ -76,8 +76,10 @@ def _make_adapters(config: AdapterConfig, layers: dict[str, AdaptedLinear]) -> d
         if isinstance(config, LoraConfig):
             delta = LoRADelta(layer.in_features, layer.out_features, config.rank_for(path), config.init_lora_weights)
             adapter = Adapter(delta.to(device), config.scaling_for(path), config.lora_dropout)
-            if config.use_dora:
-                adapter.lora_magnitude_vector = nn.Parameter(adapter.weight_norm(layer).clone())
+            if config.use_dora:  # m starts at ‖W + s·ΔW‖ per row; with B = 0 that is ‖W‖, no W·Aᵀ needed
+                zero_delta = config.init_lora_weights is not False
+                norm = layer.weight_row_norm_sq().sqrt() if zero_delta else adapter.weight_norm(layer)
+                adapter.lora_magnitude_vector = nn.Parameter(norm.clone())
         else:
             delta = VeRADelta(layer.in_features, layer.out_features, projections, config.d_initial)
             adapter = Adapter(delta.to(device), 1.0, config.vera_dropout)
