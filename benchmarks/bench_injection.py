@@ -36,9 +36,8 @@ CAUSES = {
             "find the targets and again to set the active adapter and freeze the rest), building a wrapper and an "
             "adapter per layer, and the Kaiming init of every A. Next idea: one walk that wraps, initialises and "
             "freezes in a single pass.",
-    "DoRA": "on top of LoRA's bookkeeping, each layer's magnitude is initialised from ‖W_i + s·B_i·A‖, computed from "
-            "‖W_i‖² (a full pass over the weight) plus W·Aᵀ (a matmul over it). Next idea: at initialisation B = 0, so "
-            "the W·Aᵀ term vanishes and can be skipped, leaving one pass over each weight.",
+    "DoRA": "on top of LoRA's bookkeeping, each layer's magnitude starts at ‖W_i‖ (B = 0 at initialisation), one "
+            "full pass over every frozen weight. Next idea: compute those row norms lazily, at the first forward.",
     "VeRA": "as for LoRA, mostly walking the module tree (`named_modules`) and registering each layer's small "
             "modules; the shared projections are drawn once. Next idea: one walk that wraps, initialises and "
             "freezes in a single pass.",

@@ -79,8 +79,10 @@ def run_part(part: Part, quick: bool, out: Path, prefix: list[str]) -> dict:
             log.write(line)
         code = proc.wait()
     seconds = time.perf_counter() - start
-    if code == 0 and raw.exists():
+    if raw.exists():  # a part that failed late may still have written what it measured
         section = json.loads(raw.read_text())
+        if code != 0:
+            section["markdown"] += f"\n\n**This part exited with status {code}**; see its log."
     else:
         section = {"title": part.name, "plots": [],
                    "markdown": f"**Failed** (exit status {code}); see `{(out / 'raw' / (part.name + '.log')).name}`."}
