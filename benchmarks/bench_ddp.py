@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import add_report_options, emit, plot_path, table
+from report import add_report_options, emit, pyplot, save_figure, table
 
 CASES = {  # name: (processes, threads per process, extra train options)
     "1p x 2t": (1, 2, []),
@@ -118,21 +118,14 @@ def findings(best: dict[str, dict[str, float]], names: list[str]) -> list[str]:
 
 
 def plot(best: dict[str, dict[str, float]], names: list[str], args: argparse.Namespace) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(7, 0.6 * len(names) + 1.6))
     axis.barh([LABELS[n] for n in names], [best[n]["tokens_per_s"] for n in names], color="tab:blue")
     axis.invert_yaxis()
     axis.set_xlabel("tokens/s (best round)")
     figure.suptitle(f"LoRA training on {args.model}, one process vs two")
-    figure.tight_layout()
-    path = plot_path(args, "ddp.png")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(args, figure, "ddp.png")
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import peft
 import torch
 from bench_train_step import build_model
-from report import add_report_options, emit, plot_path, table, verdict
+from report import add_report_options, emit, pyplot, save_figure, table, verdict
 from torch import nn
 
 import lorakit
@@ -93,10 +93,7 @@ def verdicts(ratios: dict[str, float]) -> list[str]:
 
 
 def plot(ratios: dict[str, float], args: argparse.Namespace) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(ratios)
     colors = ["tab:gray" if n == "base" else "tab:blue" if n.startswith("lorakit") else "tab:orange" for n in names]
@@ -106,11 +103,7 @@ def plot(ratios: dict[str, float], args: argparse.Namespace) -> Path:
     axis.invert_yaxis()
     axis.set_xlabel("forward time / base (median)")
     figure.suptitle("Inference vs the base model (blue: lorakit, orange: PEFT)")
-    figure.tight_layout()
-    path = plot_path(args, "inference.png")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(args, figure, "inference.png")
 
 
 def main() -> None:

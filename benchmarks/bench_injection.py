@@ -21,7 +21,7 @@ from pathlib import Path
 
 import peft
 import torch
-from report import add_report_options, emit, plot_path, table, verdict
+from report import add_report_options, emit, pyplot, save_figure, table, verdict
 from torch import nn
 
 import lorakit
@@ -72,10 +72,7 @@ def time_injection(inject: Inject, base: nn.Module) -> float:
 
 
 def plot(medians: dict[str, float], args: argparse.Namespace) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
     positions = range(len(METHODS))
@@ -85,11 +82,7 @@ def plot(medians: dict[str, float], args: argparse.Namespace) -> Path:
     axis.set_ylabel("injection time (ms, median)")
     axis.set_title("Adapter injection on SmolLM2-135M, all linear layers")
     axis.legend()
-    figure.tight_layout()
-    path = plot_path(args, "injection.png")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(args, figure, "injection.png")
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from bench_train_step import build_model
-from report import add_report_options, emit, plot_path, table, verdict
+from report import add_report_options, emit, pyplot, save_figure, table, verdict
 from torch import nn
 
 import lorakit
@@ -130,10 +130,7 @@ def verdicts(ratios: dict[str, float], args: argparse.Namespace) -> list[str]:
 
 
 def plot(ratios: dict[str, float], args: argparse.Namespace) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(ratios)
     colors = ["tab:gray" if n == "base" else "tab:blue" if n.startswith("lorakit") else "tab:orange" for n in names]
@@ -144,11 +141,7 @@ def plot(ratios: dict[str, float], args: argparse.Namespace) -> Path:
     axis.set_xlabel("forward time / base (median of per-round ratios)")
     axis.set_title("Mixed batches (blue: lorakit, orange: PEFT)")
     axis.legend(loc="lower right")
-    figure.tight_layout()
-    path = plot_path(args, "mixed_batch.png")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(args, figure, "mixed_batch.png")
 
 
 def main() -> None:

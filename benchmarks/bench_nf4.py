@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from report import add_report_options, emit, plot_path, table, verdict
+from report import add_report_options, emit, pyplot, save_figure, table, verdict
 
 from lorakit.nf4 import NF4Linear, quantize_nf4
 
@@ -158,10 +158,7 @@ def torchao_verdict(rows: Rows, floors: dict[str, float], size: int) -> str:
 
 
 def plot(rows: Rows, peers: list[str], args: argparse.Namespace) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(peers)
@@ -179,11 +176,7 @@ def plot(rows: Rows, peers: list[str], args: argparse.Namespace) -> Path:
     axis.set_ylabel("lorakit speed / peer speed (log)")
     axis.set_title(f"NF4 on {args.size}×{args.size}, {args.threads} threads")
     axis.legend()
-    figure.tight_layout()
-    path = plot_path(args, "nf4.png")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(args, figure, "nf4.png")
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import peft
 import torch
-from report import add_report_options, emit, plot_path, table, verdict
+from report import add_report_options, emit, pyplot, save_figure, table, verdict
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -223,10 +223,7 @@ def floor_sentence(summary: dict[str, dict[str, float]]) -> str:
 
 
 def plot(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cases = list(summary)
     colors = ["tab:gray" if c == "floor" else "tab:blue" if c.startswith("lorakit") else "tab:orange" for c in cases]
@@ -241,11 +238,7 @@ def plot(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> Path
     for axis in (time_axis, memory_axis):
         axis.invert_yaxis()
     figure.suptitle(f"{TITLES[args.model]} (blue: lorakit, orange: PEFT)")
-    figure.tight_layout()
-    path = plot_path(args, f"train_step_{args.model.split('-')[0]}.png")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(args, figure, f"train_step_{args.model.split('-')[0]}.png")
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from report import add_report_options, emit, plot_path, table
+from report import add_report_options, emit, pyplot, save_figure, table
 
 import lorakit
 from lorakit.data import (
@@ -242,17 +242,14 @@ class Section:
 
 
 def claim_rank(lab: Lab, ranks: Sequence[int]) -> Section:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    rows, series = [], {}
+    rows, series, params = [], {}, {}
     for targets in (QV, ALL):
-        losses = []
-        for r in ranks:
-            outs = lab.seeds(Run(r=r, targets=targets), 1)  # one seed each; more where another claim trained them
-            finals = [o.final_loss for o in outs]
-            losses.append(finals)
-            rows.append(result_row(outs))
-        series[targets] = losses
+        groups = [lab.seeds(Run(r=r, targets=targets), 1) for r in ranks]  # one seed each; more where already trained
+        rows += [result_row(g) for g in groups]
+        series[targets] = [[o.final_loss for o in g] for g in groups]
+        params[targets] = [g[0].trainable for g in groups]
     fig, ax = plt.subplots(figsize=(6, 4))
     for targets, losses in series.items():
         means = [mean_std(v)[0] for v in losses]
@@ -262,7 +259,6 @@ def claim_rank(lab: Lab, ranks: Sequence[int]) -> Section:
            title="LoRA rank ablation (SmolLM2-135M, date task)")
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.legend()
-    params = {t: [lab.seeds(Run(r=r, targets=t), 1)[0].trainable for r in ranks] for t in (QV, ALL)}
     loss = {t: [mean_std(v)[0] for v in series[t]] for t in (QV, ALL)}
     # (a) equal budget: all linear at the smallest rank vs q,v at the first rank with at least as many parameters
     k = next((i for i, n in enumerate(params[QV]) if n >= params[ALL][0]), len(ranks) - 1)
@@ -285,7 +281,7 @@ def claim_rank(lab: Lab, ranks: Sequence[int]) -> Section:
 
 
 def claim_loraplus(lab: Lab, seeds: int, ratio: float) -> Section:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     plain = lab.seeds(Run(track=True), seeds)
     plus = lab.seeds(Run(loraplus_ratio=ratio, track=True), seeds)
@@ -322,7 +318,7 @@ def claim_loraplus(lab: Lab, seeds: int, ratio: float) -> Section:
 
 
 def claim_dora(lab: Lab, seeds: int, rank: int) -> Section:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cases = [Run(r=rank), Run(method="dora", r=rank), Run(r=rank // 2), Run(method="dora", r=rank // 2)]
     outs = [lab.seeds(case, seeds) for case in cases]
@@ -345,7 +341,7 @@ def claim_dora(lab: Lab, seeds: int, rank: int) -> Section:
 
 
 def claim_vera(lab: Lab, seeds: int, vera_rank: int, vera_lr: float, lora_ranks: Sequence[int]) -> Section:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lora = [lab.seeds(Run(r=r), 1) for r in lora_ranks]  # the rank ablation's all-linear runs (more seeds if trained)
     vera = lab.seeds(Run(method="vera", r=vera_rank, lr=vera_lr), seeds)
@@ -373,7 +369,7 @@ def claim_vera(lab: Lab, seeds: int, vera_rank: int, vera_lr: float, lora_ranks:
 
 
 def claim_qlora(lab: Lab, seeds: int, full_lr: float) -> Section:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cases = [Run(method="full", lr=full_lr, track=True), Run(track=True), Run(nf4=True, track=True)]
     outs = [lab.seeds(case, seeds) for case in cases]
@@ -442,9 +438,7 @@ def main() -> None:
             built[name] = f"### {title}\n\n**Failed**: `{type(error).__name__}: {error}`"
             traceback.print_exc()
             continue
-        path = plot_path(args, f"claim_{name}.png")
-        section.plot.tight_layout()
-        section.plot.savefig(path, dpi=110)
+        path = save_figure(args, section.plot, f"claim_{name}.png", dpi=110)
         built[name] = f"### {title}\n\n{section.markdown}\n\n![{title}](plots/{path.name})"
     setup = (f"SmolLM2-135M-Instruct (float32), built-in date task: {budget.train_size} training examples, "
              f"{args.steps} AdamW steps of {args.batch} examples (warmup {args.steps // 10}, cosine), gradient "

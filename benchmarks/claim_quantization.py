@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from report import add_report_options, emit, plot_path, table, verdict
+from report import add_report_options, emit, pyplot, save_figure, table, verdict
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -223,10 +223,7 @@ def mean_std(values: Sequence[float], digits: int = 4) -> str:
 
 def save_plot(args: argparse.Namespace, errors: dict[str, Errors], models: dict[str, ModelResult]) -> Path:
     """Two bar panels: round-trip RMSE (mean ± std over seeds) and perplexity per format."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     bars = left.bar(list(errors), [statistics.mean(e.rmse) for e in errors.values()],
@@ -239,11 +236,7 @@ def save_plot(args: argparse.Namespace, errors: dict[str, Errors], models: dict[
     for ax in (left, right):
         ax.tick_params(axis="x", labelrotation=20)
         ax.margins(y=0.1)  # room for the value labels
-    fig.tight_layout()
-    path = plot_path(args, "claim_quantization.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(args, fig, "claim_quantization.png", dpi=110)
 
 
 def markdown(errors: dict[str, Errors], bnb_rmse: float | None, models: dict[str, ModelResult],

@@ -11,6 +11,11 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def add_report_options(parser: argparse.ArgumentParser) -> None:
@@ -18,10 +23,24 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plots", type=Path, default=Path("benchmarks/plots"), help="directory for PNG plots")
 
 
-def plot_path(args: argparse.Namespace, name: str) -> Path:
-    """Where a script saves the PNG called `name` (the directory is created)."""
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot on the file-only Agg backend (the benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(args: argparse.Namespace, figure: Figure, name: str, dpi: int = 100) -> Path:
+    """Lay out `figure`, write it as PNG `name` under --plots (created if needed), close it; returns the path."""
     args.plots.mkdir(parents=True, exist_ok=True)
-    return args.plots / name
+    path = args.plots / name
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    pyplot().close(figure)
+    return path
 
 
 def emit(args: argparse.Namespace, title: str, markdown: str, plots: Sequence[Path] = ()) -> None:
