@@ -48,7 +48,7 @@ LABELS = {
 def worker(args: argparse.Namespace, extra: list[str]) -> None:
     """Time `--steps` optimizer steps after `--warmup` ones; rank 0 prints one JSON line."""
     from lorakit import trainable_parameters
-    from lorakit.train import TrainConfig, Trainer
+    from lorakit.training import TrainConfig, Trainer
 
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(model=args.model, method="lora", r=16, alpha=32, targets="all-linear",

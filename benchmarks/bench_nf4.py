@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from report import add_report_options, emit, pyplot, save_figure, table, verdict
 
-from lorakit.nf4 import NF4Linear, quantize_nf4
+from lorakit.quant.nf4 import NF4Linear, quantize_nf4
 
 BITSANDBYTES_TARGET = 0.5  # lorakit speed / bitsandbytes' speed, at least (the spec)
 TORCHAO_TARGET = 10.0  # lorakit speed / torchao's speed, at least (the spec)

@@ -1,7 +1,7 @@
 """The fine-tuning papers' claims at small scale: SmolLM2-135M on the built-in date task, CPU, minutes per run.
 
 Every run fine-tunes the built-in model (`smollm2-135m`) on the same training split of the built-in ledger-date task
-(`lorakit.data.make_builtin_task`) for the same number of optimizer steps at the same batch size, AdamW with linear
+(`lorakit.training.task.make_builtin_task`) for the same number of optimizer steps at the same batch size, AdamW with linear
 warmup and cosine decay, and scores the same held-out examples: token loss on the answers every few steps, and greedy
 exact match at the end. Seeds change the adapter initialisation and the data order, not the data.
 
@@ -36,17 +36,13 @@ import torch
 from report import add_report_options, emit, pyplot, save_figure, table
 
 import lorakit
-from lorakit.data import (
-    BatchStream,
-    Example,
-    collate,
-    make_builtin_task,
-    tokenize_records,
-)
-from lorakit.evaluate import evaluate_exact_match, evaluate_loss
+from lorakit.adapters.loraplus import loraplus_param_groups
 from lorakit.models import load_model
-from lorakit.optim import loraplus_param_groups
-from lorakit.train import cosine_with_warmup
+from lorakit.training import cosine_with_warmup
+from lorakit.training.batches import BatchStream
+from lorakit.training.data import Example, collate, tokenize_records
+from lorakit.training.evaluate import evaluate_exact_match, evaluate_loss
+from lorakit.training.task import make_builtin_task
 
 QV = "q_proj,v_proj"
 EXECUTION_ORDER = ("loraplus", "qlora", "dora", "rank", "vera")

@@ -38,8 +38,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import lorakit
 from lorakit.models import load_model
-from lorakit.nf4 import NF4Linear, nf4_codebook, quantize_nf4
-from lorakit.quantize import memory_footprint
+from lorakit.quant.nf4 import NF4Linear, nf4_codebook, quantize_nf4
+from lorakit.quant.quantize import memory_footprint
 
 TITLE = "Claim 1 (QLoRA): NF4 vs FP4 vs Int4, and double quantization"
 MODEL = "smollm2-135m"

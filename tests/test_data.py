@@ -11,19 +11,10 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lorakit.data import (
-    IGNORE_INDEX,
-    BatchStream,
-    Example,
-    collate,
-    exact_match,
-    ledger_format,
-    load_jsonl,
-    make_builtin_task,
-    pack_examples,
-    tokenize_records,
-)
 from lorakit.models import byte_tokenizer
+from lorakit.training.batches import BatchStream
+from lorakit.training.data import IGNORE_INDEX, Example, collate, load_jsonl, pack_examples, tokenize_records
+from lorakit.training.task import exact_match, ledger_format, make_builtin_task
 
 EOS = "<|im_end|>"
 

@@ -28,10 +28,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit import distributed
+from lorakit.training import distributed
 from lorakit.cli import main
 from lorakit.models import load_model
-from lorakit.train import Trainer
+from lorakit.training import Trainer
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available() and "fork" in mp.get_all_start_methods()),

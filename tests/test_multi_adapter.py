@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import lorakit
 from conftest import model_input, randomize_adapters, tiny_gpt2, tiny_llama
-from lorakit.combine import combine_adapters
+from lorakit.adapters.combine import combine_adapters
 
 # Layer paths of the tiny Llama (2 blocks).
 Q0 = "model.layers.0.self_attn.q_proj"

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.nf4 import NF4Linear, NF4Weight, dequantize_reference, dynamic_tree_map, nf4_codebook, quantize_nf4
+from lorakit.quant.nf4 import NF4Linear, NF4Weight, dequantize_reference, dynamic_tree_map, nf4_codebook, quantize_nf4
 
 # bitsandbytes 0.50.2's NF4 table (bitsandbytes.functional.get_4bit_type("nf4")), code 0..15.
 PUBLISHED_NF4 = [

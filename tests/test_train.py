@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import lorakit
 from lorakit.cli import main
 from lorakit.models import load_model
-from lorakit.train import TrainConfig, Trainer
+from lorakit.training import TrainConfig, Trainer
 
 FAST = ["--model", "tiny-llama", "--batch-size", "4", "--seq-len", "64", "--builtin-train-size", "64",
         "--eval-samples", "4", "--lr", "3e-3", "--log-every", "1"]
@@ -187,7 +187,8 @@ def test_adapted_model_trains_under_transformers_trainer(tmp_path: Path) -> None
     from transformers import Trainer as HFTrainer
     from transformers import TrainingArguments
 
-    from lorakit.data import collate, make_builtin_task, tokenize_records
+    from lorakit.training.data import collate, tokenize_records
+    from lorakit.training.task import make_builtin_task
 
     model, tokenizer = load_model("tiny-llama")
     lorakit.adapt(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
@@ -205,7 +206,7 @@ def test_adapted_model_trains_under_transformers_trainer(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_builtin_demo_end_to_end(tmp_path: Path) -> None:
     """The real main job: SmolLM2-135M on the built-in task (minutes)."""
-    from lorakit.train import train
+    from lorakit.training import train
 
     result = train(TrainConfig(output_dir=str(tmp_path / "demo")))
     assert result["exact_match"] >= 0.8

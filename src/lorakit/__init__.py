@@ -1,9 +1,13 @@
 """lorakit: parameter-efficient fine-tuning for PyTorch (LoRA, LoRA+, QLoRA/NF4, DoRA, VeRA) in PEFT's format."""
 
-from .combine import combine_adapters
-from .config import LoraConfig, VeraConfig
-from .layer import AdaptedLinear, Adapter
-from .model import (
+import sys
+
+from . import legacy
+from .adapters.combine import combine_adapters
+from .adapters.config import LoraConfig, VeraConfig
+from .adapters.layer import AdaptedLinear, Adapter
+from .adapters.loraplus import create_loraplus_optimizer, loraplus_param_groups
+from .adapters.model import (
     ParameterCount,
     adapt,
     adapted_layers,
@@ -18,10 +22,10 @@ from .model import (
     unload,
     unmerge,
 )
-from .nf4 import NF4Linear, NF4Weight, quantize_nf4
-from .quantize import MemoryFootprint, load_quantized, memory_footprint, quantize, save_quantized
-from .optim import create_loraplus_optimizer, loraplus_param_groups
-from .peft_format import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from .formats.peft import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from .formats.quantized import load_quantized, save_quantized
+from .quant.nf4 import NF4Linear, NF4Weight, quantize_nf4
+from .quant.quantize import MemoryFootprint, memory_footprint, quantize
 
 __version__ = "0.1.0"
 
@@ -32,3 +36,5 @@ __all__ = [
     "load_adapter", "loraplus_param_groups", "merge", "merge_and_unload", "mixed_batch", "read_adapter_config", "save_adapter",
     "set_adapter", "trainable_parameters", "unload", "unmerge",
 ]
+
+legacy.install(sys.modules[__name__])

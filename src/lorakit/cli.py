@@ -78,7 +78,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     result = train(config)
@@ -86,8 +86,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_with_adapter(model_name: str, adapter: str | None) -> tuple[Any, Any]:
-    from .models import load_model
-    from .peft_format import load_adapter
+    from .formats.peft import load_adapter
+    from .models.load import load_model
 
     model, tokenizer = load_model(model_name)
     if adapter:
@@ -96,8 +96,8 @@ def _load_with_adapter(model_name: str, adapter: str | None) -> tuple[Any, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_exact_match, evaluate_loss
-    from .train import TrainConfig, load_datasets
+    from .training import TrainConfig, load_datasets
+    from .training.evaluate import evaluate_exact_match, evaluate_loss
 
     model, tokenizer = _load_with_adapter(args.model, args.adapter)
     config = TrainConfig(model=args.model, data=args.data, eval_data=args.data, seq_len=args.seq_len, chat=args.chat,
@@ -138,7 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
-    from .model import merge_and_unload
+    from .adapters.model import merge_and_unload
 
     model, tokenizer = _load_with_adapter(args.model, args.adapter)
     dtype = getattr(torch, args.dtype)
@@ -152,8 +152,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .models import load_model
-    from .quantize import memory_footprint, quantize, save_quantized
+    from .formats.quantized import save_quantized
+    from .models.load import load_model
+    from .quant.quantize import memory_footprint, quantize
 
     model, tokenizer = load_model(args.model)
     before = memory_footprint(model).total
@@ -166,7 +167,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
+    from .training.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Parameter-efficient fine-tuning: LoRA, LoRA+, "
                                      "QLoRA (NF4), DoRA, VeRA; adapters in PEFT's format.")
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--no-double-quant", action="store_true", help="plain float32 block scales (4.5 bits/weight)")
     quant.set_defaults(func=cmd_quantize)
 
-    from .inspect import register_cli
+    from .inspect.cli import register_cli
 
     register_cli(sub)
     return parser

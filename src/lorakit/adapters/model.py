@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .base import base_dims, dense_module, dense_weight, is_weight_provider
 from .config import AdapterConfig, LoraConfig, VeraConfig
 from .deltas import LoRADelta, VeRADelta, VeRAProjections
-from .layer import Adapter, AdaptedLinear, base_dims, dense_weight, is_weight_provider
-from .quantize import dense_module
-from .saved_modules import ModulesToSave
-from .targets import find_targets, matches
+from .layer import Adapter, AdaptedLinear
+from .modules_to_save import ModulesToSave
+from .targets import find_targets, matches, replace_module
 
 CONFIGS_ATTR = "lorakit_configs"
 
@@ -41,18 +41,12 @@ def saved_module_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave
             yield name, module
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
-
-
 def _wrap(model: nn.Module, path: str) -> AdaptedLinear:
     module = model.get_submodule(path)
     if isinstance(module, AdaptedLinear):
         return module
     layer = AdaptedLinear(module)
-    _replace(model, path, layer)
+    replace_module(model, path, layer)
     return layer
 
 
@@ -105,7 +99,7 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
-            _replace(model, path, wrapper)
+            replace_module(model, path, wrapper)
         wrapper.add_copy(adapter_name)
     if any(layer.fan_in_fan_out for layer in layers.values()):
         config = config.replace(fan_in_fan_out=True)
@@ -177,13 +171,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             del layer.adapters[name]
             layer.active = [n for n in layer.active if n != name]
         if not layer.adapters:
-            _replace(model, path, layer.base_layer)
+            replace_module(model, path, layer.base_layer)
     for path, wrapper in list(saved_module_wrappers(model)):
         if name in wrapper.copies:
             del wrapper.copies[name]
             wrapper.active = None if wrapper.active == name else wrapper.active
         if not wrapper.copies:
-            _replace(model, path, wrapper.original_module)
+            replace_module(model, path, wrapper.original_module)
     del configs[name]
     remaining = [n for n in configs if any(n in layer.active for _, layer in adapted_layers(model))]
     _set_trainable(model, remaining)
@@ -278,15 +272,15 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
                 for name in layer.active:
                     if name not in layer.merged:
                         weight = layer.adapters[name].merged_weight(weight, layer)
-                _replace(model, path, dense_module(layer.base_layer, weight, dtype or torch.float32))
+                replace_module(model, path, dense_module(layer.base_layer, weight, dtype or torch.float32))
             else:
                 layer.merge()
-                _replace(model, path, layer.base_layer)
+                replace_module(model, path, layer.base_layer)
         for path, module in list(model.named_modules()):
             if path and is_weight_provider(module):
-                _replace(model, path, dense_module(module, module.dense_weight(torch.float32), dtype or torch.float32))
+                replace_module(model, path, dense_module(module, module.dense_weight(torch.float32), dtype or torch.float32))
         for path, wrapper in list(saved_module_wrappers(model)):
-            _replace(model, path, wrapper.current)
+            replace_module(model, path, wrapper.current)
     model.__dict__.pop(CONFIGS_ATTR, None)
     if dtype is not None:
         model.to(dtype)
@@ -298,9 +292,9 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging and return the original model (merged adapters are taken out first)."""
     for path, layer in list(adapted_layers(model)):
         layer.unmerge()
-        _replace(model, path, layer.base_layer)
+        replace_module(model, path, layer.base_layer)
     for path, wrapper in list(saved_module_wrappers(model)):
-        _replace(model, path, wrapper.original_module)
+        replace_module(model, path, wrapper.original_module)
     model.__dict__.pop(CONFIGS_ATTR, None)
     return model
 

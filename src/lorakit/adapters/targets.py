@@ -14,34 +14,20 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from .base import is_conv1d, is_weight_provider
 from .config import TargetSpec
+from .layer import AdaptedLinear
 
 ALL_LINEAR = "all-linear"
 
 
-def conv1d_class() -> type[nn.Module] | None:
-    """Hugging Face's transposed linear layer (GPT-2 family), if transformers is importable."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return Conv1D
-
-
 def is_linear_like(module: nn.Module) -> bool:
     """A layer lorakit can adapt: it maps [..., in] to [..., out] with a weight matrix."""
-    from .layer import AdaptedLinear, is_weight_provider
-
-    conv1d = conv1d_class()
-    if isinstance(module, (nn.Linear, AdaptedLinear)) or (conv1d is not None and isinstance(module, conv1d)):
-        return True
-    return is_weight_provider(module)
+    return isinstance(module, (nn.Linear, AdaptedLinear)) or is_conv1d(module) or is_weight_provider(module)
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Named modules that could be targets: linear-like layers, never the internals of an adapted layer."""
-    from .layer import AdaptedLinear
-
     inside: tuple[str, ...] = ()
     for name, module in model.named_modules():
         if inside and any(name.startswith(prefix) for prefix in inside):
@@ -50,6 +36,12 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             inside += (name + ".",)
         if name and is_linear_like(module):
             yield name, module
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at module path `path` of `model` (the path keeps its name, so file keys stay the same)."""
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
 
 
 def matches(path: str, spec: TargetSpec) -> bool:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .peft_format import adapter_state_dict, save_adapter
+from ..formats.peft import adapter_state_dict, read_adapter_tensors, save_adapter
 
 STATE_NAME = "state.json"
 TENSORS_NAME = "optimizer.safetensors"
@@ -90,8 +90,6 @@ def load_checkpoint(
 
     `rank` picks this process's own torch RNG state from the checkpoint of a distributed run.
     """
-    from .peft_format import read_adapter_tensors
-
     source = Path(directory)
     if not (source / STATE_NAME).is_file():
         raise FileNotFoundError(f"{source} holds no checkpoint ({STATE_NAME} missing)")

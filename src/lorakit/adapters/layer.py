@@ -6,8 +6,8 @@ For a base computing W·x + b (W [out, in]) and an active adapter with update Δ
   computed as  y = W·x + b + (m/n − 1)·W·x_d + (m/n)·s·ΔW·x_d;  with no dropout x_d = x and W·x is the base output,
   so no second matmul is needed. n² = ‖W_i‖² + 2s·⟨up_i, (W·downᵀ)_i⟩ + s²·up_i·(down·downᵀ)·up_iᵀ never builds W + sΔW.
 
-The base is any frozen *weight provider*: nn.Linear, Hugging Face Conv1D (weight stored [in, out]) or a module with
-`in_features`, `out_features` and `dense_weight()` (NF4Linear). Adapters never look at which.
+The base is any frozen layer of `base.py`'s interface: nn.Linear, Hugging Face Conv1D (weight stored [in, out]) or a
+weight provider such as NF4Linear. Adapters never look at which.
 """
 
 from __future__ import annotations
@@ -16,41 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import base_bias, base_dims, dense_weight, is_conv1d
 from .deltas import LoRADelta, VeRADelta
-from .targets import conv1d_class
 
 Delta = LoRADelta | VeRADelta
-
-
-def is_weight_provider(module: nn.Module) -> bool:
-    """A module that is not an nn.Linear but offers the frozen base interface (e.g. NF4Linear)."""
-    return all(hasattr(module, attr) for attr in ("in_features", "out_features", "dense_weight"))
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    conv1d = conv1d_class()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def base_dims(base: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a base layer."""
-    if is_conv1d(base):
-        in_features, out_features = base.weight.shape
-        return out_features, in_features
-    return base.out_features, base.in_features
-
-
-def dense_weight(base: nn.Module) -> Tensor:
-    """The base weight as [out, in] (a view for dense layers, a dequantized copy for providers)."""
-    if isinstance(base, nn.Linear):
-        return base.weight
-    if is_conv1d(base):
-        return base.weight.T
-    return base.dense_weight()
-
-
-def base_bias(base: nn.Module) -> Tensor | None:
-    return getattr(base, "bias", None)
 
 
 class Adapter(nn.Module):

@@ -1,4 +1,4 @@
-"""Training data: JSONL records to token ids with loss masks, packing, padding, and a resumable, shardable batch stream.
+"""Training data: JSONL records to token ids with loss masks, packing and padding.
 
 Record formats (one JSON object per line):
 
@@ -13,19 +13,14 @@ Record formats (one JSON object per line):
   each assistant reply).
 
 Prompt/completion and messages examples also keep ``prompt_ids`` (the tokens up to the last reply) and ``answer``
-(its reference text) so an evaluator can greedy-decode and score exact match (``exact_match``).
-
-``make_builtin_task`` generates the demo task: converting ISO dates to a made-up "ledger" format.
+(its reference text) so an evaluator can greedy-decode and score exact match (`task.exact_match`).
 """
 
 from __future__ import annotations
 
-import calendar
-import datetime as dt
 import json
 import os
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -337,137 +332,3 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Batching
-
-
-class BatchStream:
-    """An endless, seeded stream of batches, epoch after epoch, that can save and restore its position.
-
-    Each epoch shuffles the examples with a permutation drawn from ``(seed, epoch)`` and cuts it into global batches
-    of ``batch_size * world_size`` (the last partial one is dropped). Rank ``r`` gets slice ``r`` of each global
-    batch, so ``world_size`` ranks together see exactly the batches one process with ``batch_size * world_size``
-    sees, in the same order. ``state_dict()`` records where the next batch comes from; a stream given that state
-    yields the same batches from there on.
-    """
-
-    def __init__(
-        self,
-        examples: Sequence[Example],
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if batch_size < 1 or world_size < 1:
-            raise ValueError(f"batch_size and world_size must be positive, got {batch_size} and {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        self.examples = examples
-        self.batch_size = batch_size
-        self.global_batch_size = batch_size * world_size
-        if len(examples) < self.global_batch_size:
-            raise ValueError(
-                f"{len(examples)} examples cannot fill one global batch of {self.global_batch_size} "
-                f"({batch_size} per rank x {world_size} ranks)"
-            )
-        self.seed = seed
-        self.shuffle = shuffle
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.index = 0  # next global batch within the epoch
-        self._order: list[int] | None = None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.examples) // self.global_batch_size
-
-    def __iter__(self) -> Iterator[list[Example]]:
-        return self
-
-    def __next__(self) -> list[Example]:
-        if self.index >= self.steps_per_epoch:
-            self.epoch += 1
-            self.index = 0
-            self._order = None
-        start = self.index * self.global_batch_size + self.rank * self.batch_size
-        picked = self._epoch_order()[start : start + self.batch_size]
-        self.index += 1
-        return [self.examples[i] for i in picked]
-
-    def _epoch_order(self) -> list[int]:
-        if self._order is None:
-            self._order = list(range(len(self.examples)))
-            if self.shuffle:
-                random.Random(f"lorakit:{self.seed}:{self.epoch}").shuffle(self._order)
-        return self._order
-
-    def state_dict(self) -> dict[str, int | bool]:
-        return {
-            "seed": self.seed,
-            "epoch": self.epoch,
-            "index": self.index,
-            "shuffle": self.shuffle,
-            "n_examples": len(self.examples),
-            "global_batch_size": self.global_batch_size,
-        }
-
-    def load_state_dict(self, state: dict[str, int | bool]) -> None:
-        """Resume from `state`; the data and the global batch size must be those it was saved with."""
-        for key, mine in (("n_examples", len(self.examples)), ("global_batch_size", self.global_batch_size)):
-            if state[key] != mine:
-                raise ValueError(f"cannot resume batch stream: saved {key}={state[key]}, this stream has {mine}")
-        self.seed = int(state["seed"])
-        self.shuffle = bool(state["shuffle"])
-        self.epoch = int(state["epoch"])
-        self.index = int(state["index"])
-        self._order = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Exact match
-
-
-def normalize_answer(text: str) -> str:
-    """Collapse runs of whitespace and strip the ends."""
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, answer: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(answer)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The built-in demo task
-
-_FIRST_DAY = dt.date(1900, 1, 1)
-_N_DAYS = (dt.date(2099, 12, 31) - _FIRST_DAY).days + 1
-
-
-def ledger_format(day: dt.date) -> str:
-    """The demo task's target: ``2024-03-07`` -> ``07 MAR 2024 / Q1``."""
-    month = calendar.month_abbr[day.month].upper()
-    return f"{day.day:02d} {month} {day.year} / Q{(day.month - 1) // 3 + 1}"
-
-
-def make_builtin_task(seed: int = 0, n_train: int = 2000, n_eval: int = 100) -> tuple[list[dict], list[dict]]:
-    """Generate the demo task's train and held-out records: ISO date -> made-up ledger format.
-
-    Prompt/completion records, e.g. ``{"prompt": "Convert 2024-03-07 to ledger format.\\n", "completion":
-    "07 MAR 2024 / Q1"}``. Dates are drawn without replacement from 1900-2099, so the two splits never share a
-    date; the same seed gives the same records.
-    """
-    if n_train < 0 or n_eval < 0 or n_train + n_eval > _N_DAYS:
-        raise ValueError(f"n_train and n_eval must be non-negative and sum to at most {_N_DAYS}")
-    offsets = random.Random(f"lorakit-task:{seed}").sample(range(_N_DAYS), n_train + n_eval)
-    records = [_ledger_record(_FIRST_DAY + dt.timedelta(days=offset)) for offset in offsets]
-    return records[:n_train], records[n_train:]
-
-
-def _ledger_record(day: dt.date) -> dict[str, str]:
-    return {"prompt": f"Convert {day.isoformat()} to ledger format.\n", "completion": ledger_format(day)}

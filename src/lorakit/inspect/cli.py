@@ -1,0 +1,68 @@
+"""The `lorakit inspect` subcommand: plan / adapter / keys."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..formats.peft import load_adapter, read_adapter_config
+from .analysis import INSPECT_ADAPTER, analyze_adapter, format_analysis, plot_analysis
+from .keys import DEFAULT_PNG_LAYERS, format_key_values, key_value_maps, plot_key_values
+from .plan import METHODS, SHAPES, format_plan, plan
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `inspect` with modes plan / adapter / keys; each mode sets `func(args) -> int` on the namespace."""
+    parser = subparsers.add_parser("inspect", help="plan an adapter's size and memory, or look inside a saved one")
+    modes = parser.add_subparsers(dest="inspect_mode", required=True)
+
+    p = modes.add_parser("plan", help="parameters, file size and memory from a model's dimensions")
+    p.add_argument("--shape", required=True, help=f"one of {sorted(SHAPES)} or a local model directory")
+    p.add_argument("--method", choices=METHODS, default="lora")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names or 'all-linear'")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
+    p.set_defaults(func=_cmd_plan)
+
+    a = modes.add_parser("adapter", help="per-layer norms, spectra and effective ranks of a saved adapter")
+    a.add_argument("directory")
+    a.add_argument("--model", help="base model (name or directory): adds magnitude/direction change, needed for VeRA")
+    a.add_argument("--png", help="write a figure here")
+    a.set_defaults(func=_cmd_adapter)
+
+    k = modes.add_parser("keys", help="which rank components fire on which tokens of a text")
+    k.add_argument("directory")
+    k.add_argument("--model", required=True, help="base model (name or directory)")
+    k.add_argument("--text", required=True)
+    k.add_argument("--top", type=int, default=3, help="components and tokens shown per layer")
+    k.add_argument("--png", help="write a heat map here")
+    k.add_argument("--layers", type=int, default=DEFAULT_PNG_LAYERS, help="layers in the heat map")
+    k.set_defaults(func=_cmd_keys)
+    return parser
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    print(format_plan(plan(args.shape, args.method, args.r, args.targets, args.batch, args.seq, args.checkpointing)))
+    return 0
+
+
+def _cmd_adapter(args: argparse.Namespace) -> int:
+    rows = analyze_adapter(args.directory, args.model)
+    print(format_analysis(rows))
+    if args.png:
+        print(f"wrote {plot_analysis(rows, args.png)}")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from ..models.load import load_model
+
+    read_adapter_config(args.directory)  # a missing adapter fails before the model loads
+    model, tokenizer = load_model(args.model)
+    load_adapter(model, args.directory, INSPECT_ADAPTER)
+    maps = key_value_maps(model, tokenizer, args.text, INSPECT_ADAPTER)
+    print(format_key_values(maps, args.top))
+    if args.png:
+        print(f"wrote {plot_key_values(maps, args.png, args.layers)}")
+    return 0

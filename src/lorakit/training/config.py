@@ -1,0 +1,72 @@
+"""`TrainConfig`: every option of `lorakit train`. The command line is generated from its typed fields (flags are the
+field names with dashes), and a YAML/TOML file can set any of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..adapters.config import LoraConfig, VeraConfig
+
+METHODS = ("lora", "dora", "vera")
+
+
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `lorakit train` (flags are the field names with dashes)."""
+
+    model: str = _opt("smollm2-135m", "built-in model name, local Hugging Face directory, or hub id")
+    data: str | None = _opt(None, "training JSONL file (text, prompt/completion or messages); default: the "
+                                  "built-in date-formatting task")
+    eval_data: str | None = _opt(None, "evaluation JSONL file; default: a held-out fraction of --data")
+    eval_fraction: float = _opt(0.05, "held-out share of --data when no --eval-data is given")
+    output_dir: str = _opt("runs/lorakit", "where the adapter, checkpoints, metrics and plot go")
+    method: str = _opt("lora", "adapter method", choices=METHODS)
+    r: int = _opt(8, "rank (VeRA: size of the shared projections, e.g. 256)")
+    alpha: float = _opt(16.0, "lora_alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)")
+    dropout: float = _opt(0.0, "dropout on the adapter input")
+    targets: str = _opt("all-linear", "modules to adapt: 'all-linear', comma-separated names, or a regex")
+    rslora: bool = _opt(False, "rank-stabilized scaling alpha/sqrt(r)")
+    quantize: str | None = _opt(None, "quantize the frozen base: 'nf4' (QLoRA, with double quantization)",
+                                choices=(None, "nf4"))
+    loraplus_ratio: float | None = _opt(None, "LoRA+: learning-rate ratio of B over A (e.g. 16); off by default")
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_steps: int = _opt(10, "linear warmup steps, then cosine decay to zero")
+    max_steps: int | None = _opt(None, "optimizer steps (overrides --epochs)")
+    epochs: float = _opt(1.0, "passes over the training data when --max-steps is not given")
+    batch_size: int = _opt(8, "examples per micro-batch (per process)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)")
+    seq_len: int = _opt(256, "maximum tokens per example (longer ones are truncated and counted)")
+    pack: bool = _opt(False, "pack examples into blocks of --seq-len tokens")
+    chat: bool = _opt(False, "render prompt/completion records through the tokenizer's chat template")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    bf16: bool = _opt(False, "bfloat16 autocast for the forward pass")
+    seed: int = _opt(0, "seed for adapter init, data order and dropout")
+    eval_every: int = _opt(0, "evaluate every N steps (0: only before and after training)")
+    eval_samples: int = _opt(100, "held-out examples scored by exact match")
+    save_every: int = _opt(50, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    log_every: int = _opt(10, "write training metrics every N steps")
+    resume: bool = _opt(False, "continue from the checkpoint in --output-dir")
+    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
+    fsdp: bool = _opt(False, "under torchrun: shard the frozen base over the processes with FSDP2 (adapters stay "
+                             "whole on every process) instead of replicating it with DDP")
+    builtin_train_size: int = _opt(800, "size of the built-in task's training split")
+
+    def adapter_config(self) -> LoraConfig | VeraConfig:
+        targets = self.target_spec()
+        if self.method == "vera":
+            return VeraConfig(r=self.r, target_modules=targets, vera_dropout=self.dropout)
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          use_rslora=self.rslora, use_dora=self.method == "dora")
+
+    def target_spec(self) -> str | tuple[str, ...]:
+        if self.targets == "all-linear" or not all(c.isalnum() or c in "_,. " for c in self.targets):
+            return self.targets  # "all-linear" or a regex
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())

@@ -1,0 +1,119 @@
+"""Everything a training run is built from, before its first step: the data, the adapted model, the optimizer.
+
+- data: the JSONL files (or the built-in task), split and tokenized (`load_datasets`);
+- model: the base loaded, quantized to NF4 when asked (QLoRA), adapted with the same seed on every rank, wrapped for
+  DDP/FSDP under torchrun (`prepare_run`);
+- optimizer: AdamW, with LoRA+ groups when `loraplus_ratio` is set, and a linear warmup then cosine decay to zero.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.loraplus import loraplus_param_groups
+from ..adapters.model import adapt
+from ..models.load import load_model
+from ..quant.quantize import quantize
+from .config import TrainConfig
+from .batches import BatchStream
+from .data import DataStats, Example, load_jsonl, pack_examples, tokenize_records
+from .distributed import DistContext
+from .task import make_builtin_task
+
+
+@dataclass
+class Datasets:
+    train: list[Example]
+    eval: list[Example]
+    stats: DataStats
+
+
+def load_datasets(config: TrainConfig, tokenizer: Any, max_positions: int | None) -> Datasets:
+    """Read (or generate), split and tokenize the data; raises ValueError with the reason for bad input."""
+    if max_positions is not None and config.seq_len > max_positions:
+        raise ValueError(f"--seq-len {config.seq_len} exceeds the model's context of {max_positions} tokens")
+    if config.data is None:
+        train_records, eval_records = make_builtin_task(config.seed, config.builtin_train_size, config.eval_samples)
+    else:
+        train_records = load_jsonl(config.data)
+        if config.eval_data is not None:
+            eval_records = load_jsonl(config.eval_data)
+        else:
+            order = random.Random(config.seed).sample(range(len(train_records)), len(train_records))
+            n_eval = max(1, int(len(train_records) * config.eval_fraction)) if len(train_records) > 1 else 0
+            eval_records = [train_records[i] for i in order[:n_eval]]
+            train_records = [train_records[i] for i in sorted(order[n_eval:])]
+    train, stats = tokenize_records(train_records, tokenizer, config.seq_len, chat=config.chat)
+    evaluation, _ = tokenize_records(eval_records, tokenizer, config.seq_len, chat=config.chat)
+    if not train:
+        raise ValueError("the training data holds no usable example")
+    if config.pack:
+        train = pack_examples(train, config.seq_len)
+    return Datasets(train, evaluation, stats)
+
+
+def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.loraplus_ratio:
+        groups = loraplus_param_groups(model, config.lr, config.loraplus_ratio, weight_decay=config.weight_decay)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": config.weight_decay}]
+    return torch.optim.AdamW(groups, lr=config.lr, foreach=False)
+
+
+@dataclass
+class PreparedRun:
+    """The pieces of one run: `model` is the adapted model, `wrapped` the same under DDP/FSDP (or itself)."""
+
+    model: nn.Module
+    tokenizer: Any
+    data: Datasets
+    wrapped: nn.Module
+    stream: BatchStream
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+def prepare_run(config: TrainConfig, dist: DistContext) -> PreparedRun:
+    """Seed, load, quantize, adapt and wrap the model; read the data; build the optimizer and schedule."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with dist.main_first():  # one process per node builds a built-in model's cache
+        model, tokenizer = load_model(config.model, device=dist.load_device(config.fsdp))
+    data = load_datasets(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
+    if config.quantize == "nf4":
+        quantize(model)
+    torch.manual_seed(config.seed)  # the same adapter init on every rank and in every run
+    adapt(model, config.adapter_config())
+    if dist.active:
+        torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    wrapped = dist.wrap(model, fsdp=config.fsdp)
+    stream = BatchStream(data.train, config.batch_size * config.grad_accum, seed=config.seed, rank=dist.rank,
+                         world_size=dist.world_size)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.steps_per_epoch))
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config.warmup_steps, total_steps))
+    return PreparedRun(model, tokenizer, data, wrapped, stream, total_steps, optimizer, scheduler)

@@ -1,0 +1,221 @@
+"""The training loop behind `lorakit train`: gradient accumulation and clipping, periodic evaluation, atomic
+checkpoints with exact resume, metrics and a loss plot, Ctrl-C / SIGTERM turned into a checkpoint and a clean stop.
+
+What the loop runs on (data, adapted model, optimizer, schedule) is built by `setup.prepare_run`. On CPU a run is
+deterministic: killed and resumed, it ends with the same adapter bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters.model import trainable_parameters
+from ..formats.peft import save_adapter
+from . import distributed
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import collate
+from .evaluate import evaluate_exact_match, evaluate_loss
+from .metrics import MetricsLog, plot_metrics
+from .setup import prepare_run
+
+
+class Trainer:
+    """One training run; `run()` returns the final metrics. Works alone or under torchrun (see distributed.py)."""
+
+    def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.dist = distributed.context()
+        self.echo = echo if self.dist.is_main else (lambda _: None)
+        prepared = prepare_run(config, self.dist)
+        self.model, self.tokenizer, self.data = prepared.model, prepared.tokenizer, prepared.data
+        self.wrapped, self.stream, self.total_steps = prepared.wrapped, prepared.stream, prepared.total_steps
+        self.optimizer, self.scheduler = prepared.optimizer, prepared.scheduler
+        self.step = 0
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.dist.is_main)
+        self.autocast = torch.bfloat16 if config.bf16 else None
+
+    # -- the run ---------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        resumed = config.resume and (self.out / "checkpoint").is_dir()
+        if resumed:
+            self._resume()
+        else:
+            self.metrics.reset()
+        self.echo(f"lorakit: {config.method} on {config.model}: {trainable_parameters(self.model)}")
+        self.echo(f"lorakit: {len(self.data.train)} training / {len(self.data.eval)} eval examples, "
+                  f"{self.data.stats.n_truncated} truncated to {config.seq_len} tokens")
+        if not resumed:
+            self._write_config()
+            self._evaluate("base")
+        interrupted = self._train_loop()
+        if interrupted:
+            self._save_checkpoint()
+            self.echo(f"lorakit: interrupted at step {self.step}; checkpoint saved, continue with --resume")
+            return {"interrupted": True, "step": self.step}
+        final = self._evaluate("tuned")
+        if self.dist.is_main:
+            save_adapter(self.model, self.out / "adapter")
+            plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
+        self._save_checkpoint()  # on every rank: it gathers their RNG states and waits for rank 0's files
+        self.echo(f"lorakit: adapter: {self.out / 'adapter'}  metrics: {self.out / 'metrics.jsonl'}  "
+                  f"plot: {self.out / 'loss.png'}")
+        return final
+
+    def _train_loop(self) -> bool:
+        """Train to total_steps; returns True if interrupted by Ctrl-C / SIGTERM (after finishing the step)."""
+        config = self.config
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True,
+                   desc="train", file=sys.stderr)
+        window_tokens, window_start = 0, time.perf_counter()
+        with bar, stop_signals() as stop:
+            self.wrapped.train()
+            while self.step < self.total_steps:
+                if self.dist.any(stop.requested):
+                    return True
+                loss, tokens = self._optimizer_step()
+                self.step += 1
+                window_tokens += tokens
+                lr = self.scheduler.get_last_lr()[0]
+                rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+                bar.update(1)
+                if self.step % config.log_every == 0 or self.step == self.total_steps:
+                    self.metrics.write({"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": rate})
+                    window_tokens, window_start = 0, time.perf_counter()
+                if config.eval_every and self.step % config.eval_every == 0 and self.step < self.total_steps:
+                    self._evaluate("eval", exact=False)
+                if config.save_every and self.step % config.save_every == 0 and self.step < self.total_steps:
+                    self._save_checkpoint()
+        return False
+
+    def _optimizer_step(self) -> tuple[float, int]:
+        """One optimizer step over grad_accum micro-batches; returns the loss (all ranks) and tokens seen (all ranks).
+
+        One micro-batch on one process uses the model's own mean token loss; otherwise the step's loss is the sum over
+        every loss token of every micro-batch and rank divided by their global count (see distributed.py).
+        """
+        config = self.config
+        examples = next(self.stream)
+        batches = [{k: v.to(self.dist.device) for k, v in collate(examples[i:i + config.batch_size],
+                                                                   self.tokenizer.pad_token_id).items()}
+                   for i in range(0, len(examples), config.batch_size)]
+        summed = self.dist.active or len(batches) > 1
+        loss_tokens, tokens = self.dist.sum_ints([sum(map(distributed.loss_token_count, batches)),
+                                                  sum(int(b["attention_mask"].sum()) for b in batches)])
+        total_loss = 0.0
+        for index, batch in enumerate(batches):
+            with self.dist.no_sync(self.wrapped, last=index == len(batches) - 1):
+                with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast is not None):
+                    if summed:
+                        loss = distributed.summed_token_loss(self.wrapped, batch) / max(loss_tokens, 1)
+                    else:
+                        loss = self.wrapped(**batch).loss
+                self.dist.scale_loss(loss).backward()
+            total_loss += loss.item()
+        self.dist.reduce_gradients(self.wrapped)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                           config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.dist.sum(total_loss), tokens
+
+    # -- evaluation, checkpoints ----------------------------------------------------------------------------------
+
+    def _evaluate(self, tag: str, exact: bool = True) -> dict[str, Any]:
+        evaluates = self.dist.is_main or distributed.is_sharded(self.wrapped)  # a sharded forward needs every rank
+        if not self.data.eval or not evaluates:
+            self.dist.barrier()
+            return {}
+        result: dict[str, Any] = evaluate_loss(self.model, self.data.eval, self.config.batch_size,
+                                               self.tokenizer.pad_token_id, self.autocast)
+        if exact:
+            result |= evaluate_exact_match(self.model, self.tokenizer, self.data.eval[: self.config.eval_samples])
+        self.metrics.write({"step": self.step, "tag": tag, **{k: v for k, v in result.items() if k != "samples"}})
+        line = f"lorakit: [{tag} @ step {self.step}] eval loss {result['eval_loss']:.4f}, ppl {result['eval_ppl']:.2f}"
+        if "exact_match" in result:
+            line += f", exact match {100 * result['exact_match']:.1f}% of {result['n_scored']}"
+            sample = result["samples"][0]
+            line += f"\n         e.g. expected {sample['answer']!r}, got {sample['prediction'][:60]!r}"
+        self.echo(line)
+        self.dist.barrier()
+        return result
+
+    def _save_checkpoint(self) -> None:
+        rng_states = self.dist.rng_states()
+        if self.dist.is_main:
+            extra = {"step": self.step, "stream": self.stream.state_dict(), "world_size": self.dist.world_size,
+                     "config": dataclasses.asdict(self.config)}
+            save_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self.scheduler, extra,
+                            rng_states=rng_states)
+        self.dist.barrier()
+
+    def _resume(self) -> None:
+        state = load_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self.scheduler,
+                                rank=self.dist.rank)
+        saved = state["config"]
+        for key in ("model", "method", "r", "targets", "quantize", "batch_size", "grad_accum", "seed"):
+            if saved.get(key) != getattr(self.config, key):
+                raise ValueError(f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, "
+                                 f"not {getattr(self.config, key)!r}")
+        if state["world_size"] != self.dist.world_size:
+            raise ValueError(f"--resume: the checkpoint was made with {state['world_size']} processes")
+        self.stream.load_state_dict({**state["stream"], "global_batch_size": self.stream.global_batch_size})
+        self.step = int(state["step"])
+        self.metrics.truncate_after(self.step)
+        self.echo(f"lorakit: resumed from step {self.step}")
+
+    def _write_config(self) -> None:
+        if self.dist.is_main:
+            resolved = dataclasses.asdict(self.config) | {"total_steps": self.total_steps,
+                                                          "adapter": self.config.adapter_config().to_peft_dict()}
+            (self.out / "train_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+
+
+class StopRequest:
+    """Set by SIGINT / SIGTERM inside `stop_signals()`; the loop stops after the step in progress."""
+
+    requested = False
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[StopRequest]:
+    """Turn Ctrl-C and SIGTERM into a request to stop cleanly; the previous handlers come back on exit."""
+    request = StopRequest()
+
+    def handle(signum: int, frame: Any) -> None:
+        request.requested = True
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handle)
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run `lorakit train` from Python."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return Trainer(config).run()
