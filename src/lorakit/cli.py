@@ -154,15 +154,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .formats.quantized import save_quantized
     from .models.load import load_model
-    from .quant.quantize import memory_footprint, quantize
+    from .quant.nf4 import NF4Linear
+    from .quant.quantize import memory_footprint
 
-    model, tokenizer = load_model(args.model)
-    before = memory_footprint(model).total
-    quantize(model, double_quant=not args.no_double_quant)
+    model, tokenizer = load_model(args.model, args.dtype, quantize="nf4", double_quant=not args.no_double_quant,
+                                  progress=True)
+    dense = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, NF4Linear))
     out = save_quantized(model, args.output_dir)
     tokenizer.save_pretrained(out)
-    after = memory_footprint(model).total
-    print(f"lorakit: NF4 model written to {out}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+    footprint = memory_footprint(model)
+    print(f"lorakit: NF4 model written to {out}: {dense:,} quantized weights in "
+          f"{(footprint.nf4_codes + footprint.nf4_scales) / 2**20:.1f} MiB, {footprint.total / 2**20:.1f} MiB in all")
     return 0
 
 
@@ -211,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--model", default="smollm2-135m")
     quant.add_argument("--output-dir", required=True)
     quant.add_argument("--no-double-quant", action="store_true", help="plain float32 block scales (4.5 bits/weight)")
+    quant.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="dtype of the dense tensors (embeddings, norms, output head) and the NF4 compute dtype")
     quant.set_defaults(func=cmd_quantize)
 
     from .inspect.cli import register_cli

@@ -3,7 +3,7 @@
 `import lorakit.nf4` gives `lorakit.quant.nf4` itself (the same module object, so patches and isinstance checks
 agree). An old module whose names now live in several modules (`lorakit.quantize`: the pass, and the quantized-model
 file format) is served as a read-only view that looks a name up in each of them in turn. Nothing is imported before
-it is asked for: the finder answers only for the names below.
+it is asked for.
 """
 
 from __future__ import annotations
@@ -33,24 +33,26 @@ MOVED: dict[str, tuple[str, ...]] = {
     "nf4": ("quant.nf4",),
     "optim": ("adapters.loraplus",),
     "peft_format": ("formats.peft", "formats.files"),
-    "quantize": ("quant.quantize", "formats.quantized", "adapters.base"),
+    "quantize": ("quant.quantize", "formats.quantized", "models.load", "adapters.base"),
     "saved_modules": ("adapters.modules_to_save",),
     "targets": ("adapters.targets", "adapters.base"),
     "train": ("training.trainer", "training.setup", "training.config"),
 }
 
 
-def _view(name: str, modules: Sequence[types.ModuleType]) -> types.ModuleType:
-    view = types.ModuleType(name, f"Old path of {', '.join(m.__name__ for m in modules)}.")
+def _view(name: str, targets: Sequence[str]) -> types.ModuleType:
+    """A module whose attributes are looked up in `targets` in turn, each imported when first needed."""
+    view = types.ModuleType(name, f"Old path of {', '.join(targets)}.")
 
     def lookup(attribute: str) -> Any:
-        for module in modules:
+        for target in targets:
+            module = importlib.import_module(target)
             if hasattr(module, attribute):
                 return getattr(module, attribute)
         raise AttributeError(f"module {name!r} has no attribute {attribute!r}")
 
     view.__getattr__ = lookup  # type: ignore[method-assign]
-    view.__dir__ = lambda: sorted({n for m in modules for n in dir(m)})  # type: ignore[method-assign]
+    view.__dir__ = lambda: sorted({n for t in targets for n in dir(importlib.import_module(t))})  # type: ignore
     return view
 
 
@@ -70,8 +72,8 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def _replacement(fullname: str) -> types.ModuleType:
-    targets = [importlib.import_module(f"{PACKAGE}.{new}") for new in MOVED[fullname.partition(".")[2]]]
-    return targets[0] if len(targets) == 1 else _view(fullname, targets)
+    targets = [f"{PACKAGE}.{new}" for new in MOVED[fullname.partition(".")[2]]]
+    return importlib.import_module(targets[0]) if len(targets) == 1 else _view(fullname, targets)
 
 
 def install(package: types.ModuleType) -> None:

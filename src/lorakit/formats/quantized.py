@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters.layer import AdaptedLinear
-from ..adapters.targets import replace_module
 from ..quant.nf4 import NF4Linear, NF4Weight
 from .files import read_json_object
 
@@ -77,50 +76,24 @@ def is_quantized_dir(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / QUANT_CONFIG_NAME).is_file()
 
 
-def load_quantized(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
-    """Fill `model` (the same architecture, e.g. built on the meta device) from a directory written by save_quantized."""
-    directory = Path(path)
-    manifest = _read_manifest(directory)
-    state = load_file(directory / QUANT_WEIGHTS_NAME)
-    for name, meta in manifest["layers"].items():
-        prefix = name + "."
-        tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] != "bias"}
-        try:
-            weight = NF4Weight.from_state_dict(tensors, meta)
-        except ValueError as error:
-            raise ValueError(f"{directory / QUANT_WEIGHTS_NAME}: layer {name}: {error}") from None
-        layer = NF4Linear(weight, state.get(prefix + "bias"), getattr(torch, meta["compute_dtype"]))
-        layer.from_conv1d = meta["from_conv1d"]
-        replace_module(model, name, layer)
-        for key in [k for k in state if k.startswith(prefix)]:
-            del state[key]
-    for key in [k for k in state if k.startswith(BUFFER_PREFIX)]:
-        owner, _, buffer_name = key[len(BUFFER_PREFIX):].rpartition(".")
-        (model.get_submodule(owner) if owner else model)._buffers[buffer_name] = state.pop(key)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected:
-        raise ValueError(f"{directory / QUANT_WEIGHTS_NAME}: unexpected tensor {unexpected[0]}")
-    for alias, source in manifest.get("tied", {}).items():
-        owner, _, name = alias.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, name, model.get_parameter(source))
-    tied = set(manifest.get("tied", {}))
-    absent = [n for n in missing if n not in tied and not _is_nf4_key(model, n)]
-    absent += [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
-    if absent:
-        raise ValueError(f"{directory / QUANT_WEIGHTS_NAME}: missing tensor {absent[0]}")
-    model.requires_grad_(False)
-    return model
-
-
-def _is_nf4_key(model: nn.Module, key: str) -> bool:
-    owner = key.rpartition(".")[0]
+def nf4_layer_from_tensors(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                           dtype: torch.dtype | None, file: Path) -> NF4Linear:
+    """The NF4Linear a directory stores at `path` (its packed codes, scales and bias); `dtype`, if given, replaces the
+    stored compute dtype."""
+    bias = tensors.pop("bias", None)
+    if bias is not None and dtype is not None:
+        bias = bias.to(dtype)
     try:
-        return isinstance(model.get_submodule(owner), NF4Linear)
-    except AttributeError:
-        return False
+        weight = NF4Weight.from_state_dict(tensors, meta)
+        layer = NF4Linear(weight, bias, dtype or getattr(torch, meta["compute_dtype"]))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{file}: layer {path}: {error}") from None
+    layer.from_conv1d = bool(meta.get("from_conv1d", False))
+    return layer
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of a directory written by save_quantized: format version, NF4 layers, tied weights."""
     file = directory / QUANT_CONFIG_NAME
     manifest = read_json_object(file, "lorakit quantized model")
     if manifest.get("format_version") != FORMAT_VERSION:

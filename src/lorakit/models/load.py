@@ -1,7 +1,8 @@
-"""Loading base models offline: built-in names, local Hugging Face directories (also `lorakit quantize` output), hub ids.
+"""Loading base models: built-in names, local Hugging Face directories (also `lorakit quantize` output), hub ids.
 
-Built-ins and local directories load with ``local_files_only=True``; only an explicit hub id (``owner/name``) is
-handed to transformers as is, and loading it needs a network.
+Every source goes through one loader: a built-in name resolves to its cache directory, a hub id (``owner/name``,
+which needs a network) to its downloaded files, and the directory's safetensors stream into a skeleton one tensor at
+a time (`stream.py`), quantized to NF4 on the way when asked. Only safetensors are read: never a pickle.
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 
-from ..formats.quantized import is_quantized_dir, load_quantized
+from ..formats.checkpoint import Checkpoint
+from ..formats.quantized import QUANT_WEIGHTS_NAME, is_quantized_dir, read_manifest
 from .builtin import BUILTIN_MODELS, ensure_builtin, unknown_model_message
+from .stream import NF4Options, parameters_on_meta, stream_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -49,22 +57,97 @@ def _looks_like_path(text: str) -> bool:
 
 
 def load_model(
-    name_or_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name_or_path: str | os.PathLike[str],
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+    double_quant: bool = True,
+    skip: tuple[str, ...] = ("lm_head",),
+    progress: bool | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, ready for training: pad token set (EOS if missing), right padding."""
+    """Load a causal LM and its tokenizer, ready for training: pad token set (EOS if missing), right padding.
+
+    The weights stream in tensor by tensor (`stream.py`): with `quantize="nf4"` every linear layer but `skip` is
+    quantized as it arrives (QLoRA), so the dense model is never whole in memory. `dtype` ("auto", "float32",
+    "bfloat16", "float16" or a torch dtype) is that of the frozen dense tensors and the NF4 compute dtype; "auto"
+    picks it for the device (`resolve_dtype`). A directory written by `lorakit quantize` loads its NF4 layers as
+    stored (its dense tensors in `dtype` when one is given). `progress`: a progress bar (None: on a terminal only).
+    """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r}: lorakit quantizes to 'nf4' (or None for a dense base)")
+    device = torch.device(device)
     source = resolve_model(name_or_path)
-    local = isinstance(source, Path)
-    if local and is_quantized_dir(source):  # written by `lorakit quantize`: NF4 layers into a meta skeleton
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, local_files_only=True))
-        model = load_quantized(model, source)
+    directory = source if isinstance(source, Path) else _download(source)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    if is_quantized_dir(directory):
+        model = load_quantized(empty_model(config, torch.float32), directory,
+                               None if dtype == "auto" else resolve_dtype(dtype, device), device, progress)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        chosen = resolve_dtype(dtype, device)
+        nf4 = NF4Options(skip, double_quant=double_quant) if quantize else None
+        model = stream_checkpoint(empty_model(config, chosen), Checkpoint(directory), chosen, device, nf4,
+                                  progress=progress)
+    model.config.name_or_path = str(source)
+    if (directory / GENERATION_CONFIG_NAME).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     prepare_tokenizer(tokenizer)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device), tokenizer
+    return model, tokenizer
+
+
+def empty_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The causal LM `config` describes, its parameters on the meta device (nothing allocated), its buffers real."""
+    with parameters_on_meta():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike[str], dtype: torch.dtype | None = None,
+                   device: str | torch.device = "cpu", progress: bool | None = None) -> nn.Module:
+    """Fill `model` (the same architecture, e.g. built on the meta device) from a directory written by
+    `save_quantized`, tensor by tensor. NF4 layers come back as stored (compute dtype: `dtype` if given); the other
+    tensors keep their stored dtype unless `dtype` is given. Everything is frozen."""
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    for alias, source in manifest.get("tied", {}).items():  # share before loading: the alias is never in the file
+        owner, _, name = alias.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, name, model.get_parameter(source))
+    checkpoint = Checkpoint(directory, QUANT_WEIGHTS_NAME)
+    stream_checkpoint(model, checkpoint, dtype, device, quantized_layers=manifest["layers"], progress=progress)
+    return model.requires_grad_(False)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name or torch dtype; "auto" is bfloat16 on a CUDA device that computes in it (else float16) and on a
+    CPU with native bfloat16 matrix units (AVX512-BF16, AMX), and float32 on other CPUs: there a bfloat16 matmul
+    runs about 2x slower than float32 (measured on AVX2; RESULTS.md), so halving the frozen weights' memory would
+    cost speed on every step."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and _cpu_has_native_bf16() else torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def _download(hub_id: str) -> Path:
+    """A hub model's safetensors, configs and tokenizer files, through the hub cache (needs a network)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

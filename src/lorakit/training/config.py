@@ -32,8 +32,11 @@ class TrainConfig:
     dropout: float = _opt(0.0, "dropout on the adapter input")
     targets: str = _opt("all-linear", "modules to adapt: 'all-linear', comma-separated names, or a regex")
     rslora: bool = _opt(False, "rank-stabilized scaling alpha/sqrt(r)")
-    quantize: str | None = _opt(None, "quantize the frozen base: 'nf4' (QLoRA, with double quantization)",
-                                choices=(None, "nf4"))
+    quantize: str | None = _opt(None, "quantize the frozen base while it loads: 'nf4' (QLoRA, with double "
+                                      "quantization)", choices=(None, "nf4"))
+    dtype: str = _opt("auto", "dtype of the frozen base's dense tensors and the NF4 compute dtype (adapters train in "
+                              "float32); auto: float32 on CPUs without native bfloat16, bfloat16 on CUDA",
+                      choices=("auto", "float32", "bfloat16", "float16"))
     loraplus_ratio: float | None = _opt(None, "LoRA+: learning-rate ratio of B over A (e.g. 16); off by default")
     lr: float = _opt(1e-3, "peak learning rate")
     weight_decay: float = _opt(0.0, "AdamW weight decay")

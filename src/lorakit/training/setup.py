@@ -1,7 +1,7 @@
 """Everything a training run is built from, before its first step: the data, the adapted model, the optimizer.
 
 - data: the JSONL files (or the built-in task), split and tokenized (`load_datasets`);
-- model: the base loaded, quantized to NF4 when asked (QLoRA), adapted with the same seed on every rank, wrapped for
+- model: the base streamed in, quantized to NF4 as it loads when asked (QLoRA), adapted with the same seed on every rank, wrapped for
   DDP/FSDP under torchrun (`prepare_run`);
 - optimizer: AdamW, with LoRA+ groups when `loraplus_ratio` is set, and a linear warmup then cosine decay to zero.
 """
@@ -20,7 +20,6 @@ from torch import nn
 from ..adapters.loraplus import loraplus_param_groups
 from ..adapters.model import adapt
 from ..models.load import load_model
-from ..quant.quantize import quantize
 from .config import TrainConfig
 from .batches import BatchStream
 from .data import DataStats, Example, load_jsonl, pack_examples, tokenize_records
@@ -99,10 +98,9 @@ def prepare_run(config: TrainConfig, dist: DistContext) -> PreparedRun:
     random.seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     with dist.main_first():  # one process per node builds a built-in model's cache
-        model, tokenizer = load_model(config.model, device=dist.load_device(config.fsdp))
+        model, tokenizer = load_model(config.model, config.dtype, dist.load_device(config.fsdp), config.quantize,
+                                      progress=None if dist.is_main else False)
     data = load_datasets(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
-    if config.quantize == "nf4":
-        quantize(model)
     torch.manual_seed(config.seed)  # the same adapter init on every rank and in every run
     adapt(model, config.adapter_config())
     if dist.active:
