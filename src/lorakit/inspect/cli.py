@@ -7,7 +7,7 @@ import argparse
 from ..formats.peft import load_adapter, read_adapter_config
 from .analysis import INSPECT_ADAPTER, analyze_adapter, format_analysis, plot_analysis
 from .keys import DEFAULT_PNG_LAYERS, format_key_values, key_value_maps, plot_key_values
-from .plan import METHODS, SHAPES, format_plan, plan
+from .plan import DTYPE_BYTES, METHODS, SHAPES, format_plan, plan
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -16,13 +16,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     modes = parser.add_subparsers(dest="inspect_mode", required=True)
 
     p = modes.add_parser("plan", help="parameters, file size and memory from a model's dimensions")
-    p.add_argument("--shape", required=True, help=f"one of {sorted(SHAPES)} or a local model directory")
+    p.add_argument("--model", "--shape", dest="shape", required=True,
+                   help=f"a named shape ({', '.join(sorted(SHAPES))}), a built-in model or a local model directory "
+                        "(only its config.json is read)")
     p.add_argument("--method", choices=METHODS, default="lora")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names or 'all-linear'")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
+    p.add_argument("--quantize", choices=("nf4",), help="plan a run on an NF4 base (as lorakit train --quantize nf4)")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_BYTES),
+                   help="the run's dtype for dense tensors and NF4 compute (as lorakit train --dtype)")
     p.set_defaults(func=_cmd_plan)
 
     a = modes.add_parser("adapter", help="per-layer norms, spectra and effective ranks of a saved adapter")
@@ -43,7 +48,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    print(format_plan(plan(args.shape, args.method, args.r, args.targets, args.batch, args.seq, args.checkpointing)))
+    print(format_plan(plan(args.shape, args.method, args.r, args.targets, args.batch, args.seq, args.checkpointing,
+                           args.quantize, args.dtype)))
     return 0
 
 

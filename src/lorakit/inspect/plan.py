@@ -1,20 +1,26 @@
-"""`lorakit inspect plan`: arithmetic from a model's dimensions alone (a named Llama shape or a local config.json; nothing is built):
+"""`lorakit inspect plan`: arithmetic from a model's dimensions alone (a named Llama shape, a built-in model or a local
+model directory, of which only config.json is read; nothing is built):
 - trainable parameters per targeted layer W [out, in]: LoRA r·(in + out) (Hu et al. 2021), DoRA r·(in + out) + out
   (Liu et al. 2024), VeRA out + r (λ_b, λ_d; Kopiczko et al. 2024, §3.1); the VeRA file also holds the shared
   A_s [r, max_in] and B_s [max_out, r] (PEFT's default save_projection=True).
 - base weights: 16 bits per weight; NF4 (Dettmers et al. 2023, §3) 4 bits plus one float32 absmax per block of 64,
   4 + 32/64 = 4.5 bits; with double quantization the absmax values are stored as 8-bit codes with one float32 scale per
   256 of them: 4 + 8/64 + 32/(64·256) ≈ 4.127 bits. Only the decoder blocks' linear layers are quantized (embeddings
-  and lm_head stay 16-bit, as lorakit's `quantize` does).
+  and lm_head stay dense, as lorakit's `quantize` does).
+- the planned run (`quantize`, `dtype`): its linear layers in NF4 (+DQ) or `dtype`, every other tensor in `dtype`
+  ("auto" resolved as `load_model` resolves it); at the peak the streaming loader's one tensor in flight is gone, but
+  a dequantized copy of the largest NF4 weight (compute dtype) lives in each forward and backward.
 - training: 16 bytes per trainable parameter (float32 adapter weights, which are the fp32 master copy, their float32
   gradients, AdamW's two float32 moments) and a rough activation term: 34·b·s·h bytes per decoder layer of 16-bit
   activations with SDPA attention (Korthikanti et al. 2022, eq. 1 without the attention-matrix term), or only
-  each layer's input (2·b·s·h) plus one layer's worth with gradient checkpointing; plus float32 logits and their
-  gradient (8·b·s·vocab). GB here are 10⁹ bytes.
+  each layer's input (2·b·s·h) plus one layer's worth with gradient checkpointing, twice that in a 32-bit compute
+  dtype; plus float32 logits and their gradient (8·b·s·vocab). GB here are 10⁹ bytes. The prediction leaves out the
+  Python/torch/transformers runtime itself (≈ 0.3-0.4 GB measured), which does not grow with the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +34,7 @@ NF4_BLOCK, DQ_BLOCK = 64, 256
 ADAPTER_BYTES = 4  # float32 adapter weights
 TRAIN_BYTES_PER_PARAM = 16  # fp32 weight (master) + fp32 gradient + two fp32 AdamW moments
 ACTIVATION_BYTES_PER_HIDDEN = 34  # per token and hidden unit and layer, 16-bit (Korthikanti et al. 2022)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 @dataclass(frozen=True)
 class ModelShape:
     """A Llama-style decoder described by its dimensions only."""
@@ -90,7 +97,7 @@ def shape_from_config(directory: str | os.PathLike[str]) -> ModelShape:
 
 
 def resolve_shape(shape: str | os.PathLike[str] | ModelShape) -> ModelShape:
-    """A ModelShape from itself, a known name or a local model directory."""
+    """A ModelShape from itself, a named shape, a local model directory or a built-in model name."""
     if isinstance(shape, ModelShape):
         return shape
     text = os.fspath(shape)
@@ -98,7 +105,12 @@ def resolve_shape(shape: str | os.PathLike[str] | ModelShape) -> ModelShape:
         return SHAPES[text]
     if Path(text).is_dir():
         return shape_from_config(text)
-    raise ValueError(f"unknown shape {text!r}: use one of {sorted(SHAPES)} or a local model directory")
+    from ..models.builtin import BUILTIN_MODELS, ensure_builtin
+
+    if text in BUILTIN_MODELS:
+        return dataclasses.replace(shape_from_config(ensure_builtin(text)), name=text)
+    raise ValueError(f"unknown shape {text!r}: use one of {sorted(SHAPES)}, a built-in model "
+                     f"({', '.join(sorted(BUILTIN_MODELS))}) or a local model directory")
 
 
 def scale_overhead_bits(double_quant: bool) -> float:
@@ -131,6 +143,16 @@ def trainable_count(method: str, r: int, shapes: Iterable[tuple[int, int]]) -> i
 
 
 @dataclass(frozen=True)
+class RunMemory:
+    """The planned run's own base: its linear layers quantized or not, the rest in `dtype`."""
+
+    quantize: str | None
+    dtype: str
+    weights: float  # bytes of the frozen base as this run holds it
+    transient: float  # a dequantized copy of the largest NF4 weight in forward/backward (0 for a dense base)
+
+
+@dataclass(frozen=True)
 class Plan:
     shape: ModelShape
     method: str
@@ -143,6 +165,7 @@ class Plan:
     batch: int
     seq: int
     gradient_checkpointing: bool
+    run: RunMemory
 
     @property
     def training_state_bytes(self) -> int:
@@ -150,6 +173,11 @@ class Plan:
 
     def training_peak(self, base: str) -> float:
         return self.base_bytes[base] + self.training_state_bytes + self.activation_bytes
+
+    @property
+    def run_peak(self) -> float:
+        """The planned run's peak: its base, the adapters' training state, activations and the transient copy."""
+        return self.run.weights + self.training_state_bytes + self.activation_bytes + self.run.transient
 
 
 def plan(
@@ -160,6 +188,9 @@ def plan(
     batch: int = 1,
     seq: int = 512,
     gradient_checkpointing: bool = True,
+    quantize: str | None = None,
+    dtype: str = "auto",
+    double_quant: bool = True,
 ) -> Plan:
     """Parameter and memory arithmetic for adapting `shape` (see the module docstring for every formula)."""
     model = resolve_shape(shape)
@@ -171,12 +202,31 @@ def plan(
     file_params = trainable
     if method == "vera":
         file_params += r * max(i for _, i in layer_shapes) + r * max(o for o, _ in layer_shapes)
+    run = _run_memory(model, quantize, dtype, double_quant)
     return Plan(
         shape=model, method=method, r=r, targets=chosen, trainable=trainable,
         adapter_file_bytes=ADAPTER_BYTES * file_params, base_bytes=base_weight_bytes(model),
-        activation_bytes=_activation_bytes(model, batch, seq, gradient_checkpointing),
-        batch=batch, seq=seq, gradient_checkpointing=gradient_checkpointing,
+        activation_bytes=_activation_bytes(model, batch, seq, gradient_checkpointing) * DTYPE_BYTES[run.dtype] / 2,
+        batch=batch, seq=seq, gradient_checkpointing=gradient_checkpointing, run=run,
     )
+
+
+def _run_memory(shape: ModelShape, quantize: str | None, dtype: str, double_quant: bool) -> RunMemory:
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r}: plan knows 'nf4' or a dense base")
+    if dtype == "auto":
+        from ..models.load import resolve_dtype
+
+        dtype = str(resolve_dtype("auto")).removeprefix("torch.")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r}: choose one of auto, {', '.join(DTYPE_BYTES)}")
+    size = DTYPE_BYTES[dtype]
+    dense = shape.parameters - shape.linear_parameters
+    if quantize is None:
+        return RunMemory(None, dtype, size * shape.parameters, 0.0)
+    nf4 = shape.linear_parameters * (4 + scale_overhead_bits(double_quant)) / 8
+    largest = max(out * inp for out, inp in shape.linear_shapes().values())
+    return RunMemory(quantize, dtype, nf4 + size * dense, 2.0 * size * largest)
 
 
 def _targets(targets: Sequence[str] | str) -> tuple[str, ...]:
@@ -213,7 +263,12 @@ def format_plan(result: Plan) -> str:
     table = ["| base | weights | training peak (rough) |", "|---|---|---|"]
     table += [f"| {base} | {_size(size)} | {_size(result.training_peak(base))} |"
               for base, size in result.base_bytes.items()]
-    return "\n".join([model, adapter, overhead, training, "", *table])
+    run = result.run
+    base = f"NF4 linear layers, the rest in {run.dtype}" if run.quantize else f"every weight in {run.dtype}"
+    planned = (f"this run ({base}): weights {_size(run.weights)}, peak {_size(result.run_peak)} "
+               f"(weights + training state + activations{' + one dequantized weight' if run.quantize else ''}; "
+               "add the Python/torch runtime, ≈ 0.3-0.4 GB)")
+    return "\n".join([model, adapter, overhead, training, planned, "", *table])
 
 
 def _size(n: float) -> str:
