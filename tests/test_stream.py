@@ -263,3 +263,16 @@ def test_train_and_quantize_commands_stream_in_the_chosen_dtype(tmp_path: Path, 
     assert main(["inspect", "plan", "--model", str(nf4), "--quantize", "nf4",
                  "--dtype", "bfloat16", "--targets", "all-linear"]) == 0
     assert "this run (NF4 linear layers, the rest in bfloat16)" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streaming_onto_cuda_quantizes_on_the_device(tmp_path: Path) -> None:
+    directory = _write("llama", tmp_path / "ckpt", "bfloat16")
+    on_gpu, _ = lorakit.load_model(directory, dtype="bfloat16", quantize="nf4", device="cuda", progress=False)
+    assert {t.device.type for t in on_gpu.state_dict().values()} == {"cuda"}
+    on_cpu, _ = lorakit.load_model(directory, dtype="bfloat16", quantize="nf4", progress=False)
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu(ids.cuda()).logits.float().cpu(), on_cpu(ids).logits.float(),
+                                   rtol=2e-2, atol=2e-2)

@@ -7,8 +7,9 @@ corrupted file fails here), every tensor the index names is in its shard, and ev
 loader reads. Each error names the file and the tensor.
 
 `read(name)` opens the shard, takes the one tensor and closes it again. safetensors maps the file and hands out
-tensors that share the mapping, so the tensor is copied out: the caller owns its memory, and the pages of a
-multi-gigabyte shard never stay mapped (and counted in the process's resident memory) behind the loader's back.
+tensors that share the mapping: the mapping lives exactly as long as the tensor, so once the caller has quantized
+it or copied what it keeps, the shard's pages are unmapped and stop counting in the process's resident memory.
+Reading a tensor that is only quantized thus copies nothing.
 """
 
 from __future__ import annotations
@@ -70,11 +71,11 @@ class Checkpoint:
         return sum(entry.nbytes for entry in self.entries.values())
 
     def read(self, name: str) -> Tensor:
-        """Tensor `name`, in memory of its own (not a view of the mapped file)."""
+        """Tensor `name`, a read-only view of the mapped file: copy (or convert) what you keep, drop the rest."""
         entry = self.entries[name]
         try:
             with safe_open(entry.file, framework="pt") as handle:
-                return handle.get_tensor(name).clone()
+                return handle.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as error:
             raise ValueError(f"{entry.file}: cannot read tensor {name} ({error})") from None
 

@@ -112,7 +112,7 @@ class _Loader:
         if owner in self.quantized_layers:
             self._gather_nf4(owner, field, self.checkpoint.read(name))
         elif name.startswith(BUFFER_PREFIX):
-            self._set(name[len(BUFFER_PREFIX):], self.checkpoint.read(name).to(self.device))
+            self._set(name[len(BUFFER_PREFIX):], self.checkpoint.read(name).to(self.device, copy=True))
         else:
             key = self._model_key(name)
             if key is None or key in self.placed:  # ignored, or a tied alias already read under another name
@@ -152,7 +152,7 @@ class _Loader:
 
     def _gather_nf4(self, path: str, field: str, tensor: Tensor) -> None:
         tensors = self.pending.setdefault(path, {})
-        tensors[field] = tensor.to(self.device)
+        tensors[field] = tensor.to(self.device, copy=True)
         if set(tensors) == self.fields[path]:
             layer = nf4_layer_from_tensors(path, self.pending.pop(path), self.quantized_layers[path], self.dtype,
                                            self.checkpoint.entries[f"{path}.{field}"].file)
@@ -178,13 +178,14 @@ class _Loader:
         return getattr(self.model.get_submodule(path) if path else self.model, attr)
 
     def _cast(self, name: str, tensor: Tensor, expected: Tensor) -> Tensor:
+        """A copy of its own (never a view of the mapped file), floating tensors in the load's dtype."""
         if not tensor.is_floating_point():
-            return tensor.to(self.device)
-        if any(part in name.split(".") for part in self.keep_fp32):
+            dtype = tensor.dtype
+        elif any(part in name.split(".") for part in self.keep_fp32):
             dtype = torch.float32
         else:
             dtype = self.dtype or tensor.dtype
-        return tensor.to(device=self.device, dtype=dtype)
+        return tensor.to(device=self.device, dtype=dtype, copy=True)
 
     def _set(self, name: str, value: Tensor) -> None:
         path, _, attr = name.rpartition(".")
