@@ -133,7 +133,7 @@ class _Loader:
                 self._quantize_layer(path, tensor)
                 continue
             if dense is None:
-                value = self._cast(target, tensor, expected)
+                value = self._cast(target, tensor)
                 dense = nn.Parameter(value, requires_grad=expected.requires_grad) \
                     if isinstance(expected, nn.Parameter) else value
             self._set(target, dense)
@@ -177,7 +177,7 @@ class _Loader:
         path, _, attr = name.rpartition(".")
         return getattr(self.model.get_submodule(path) if path else self.model, attr)
 
-    def _cast(self, name: str, tensor: Tensor, expected: Tensor) -> Tensor:
+    def _cast(self, name: str, tensor: Tensor) -> Tensor:
         """A copy of its own (never a view of the mapped file), floating tensors in the load's dtype."""
         if not tensor.is_floating_point():
             dtype = tensor.dtype
