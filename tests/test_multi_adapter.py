@@ -338,3 +338,83 @@ def test_mixed_batch_rejects_unknown_names() -> None:
         lorakit.mixed_batch(model, ["lora", "nope"]),
     ):
         pass
+
+
+# the adapter_names keyword (PEFT's per-sample API) ----------------------------------------------------------------
+
+
+def test_adapter_names_keyword_routes_forward_like_each_sample_alone() -> None:
+    model = three_method_model()
+    names = ["vera", "lora", "__base__", "dora", "lora"]
+    ids = model_input("llama", batch=len(names), seq=9)["input_ids"]
+    lorakit.set_adapter(model, "dora")
+    with torch.no_grad():
+        routed = model(input_ids=ids, adapter_names=names).logits
+        after = model(input_ids=ids).logits  # the call's routing ends with the call: the active adapter again
+    for i, name in enumerate(names):
+        with torch.no_grad():
+            expected = alone(model, name, lambda i=i: model(input_ids=ids[i : i + 1]).logits)
+        torch.testing.assert_close(routed[i : i + 1], expected, rtol=1e-5, atol=1e-5)
+    lorakit.set_adapter(model, "dora")
+    with torch.no_grad():
+        torch.testing.assert_close(after, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert all(layer.routing is None for _, layer in lorakit.adapted_layers(model))
+
+
+def test_adapter_names_keyword_routes_generate() -> None:
+    model = three_method_model()
+    names = ["dora", "__base__", "lora", "vera"]
+    ids = model_input("llama", batch=len(names), seq=6)["input_ids"]
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        routed = model.generate(input_ids=ids, adapter_names=names, **options)
+        with lorakit.mixed_batch(model, names):
+            expected = model.generate(input_ids=ids, **options)
+    assert torch.equal(routed, expected)
+    assert all(layer.routing is None for _, layer in lorakit.adapted_layers(model))
+
+
+def test_adapter_names_keyword_matches_peft(tmp_path: Path) -> None:
+    model = tiny_llama()
+    lorakit.adapt(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), "a")
+    randomize_adapters(model, seed=1)
+    lorakit.adapt(model, lorakit.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]), "b")
+    randomize_adapters(model, seed=2)
+    lorakit.save_adapter(model, tmp_path / "a", "a")
+    lorakit.save_adapter(model, tmp_path / "b", "b")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    names = ["b", "__base__", "a", "b"]
+    ids = model_input("llama", batch=len(names), seq=7)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, adapter_names=names).logits,
+                                   theirs(input_ids=ids, adapter_names=names).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, ids: m(input_ids=ids, adapter_names=["lora", "nope", "lora"]), ValueError, r"unknown adapter\(s\)"),
+    (lambda m, ids: m(input_ids=ids, adapter_names=["lora", "vera"]), ValueError, "2 adapter names for a batch of 3"),
+    (lambda m, ids: m(input_ids=ids, adapter_names="lora"), TypeError, "a list of adapter names"),
+    (lambda m, ids: m.generate(input_ids=ids, adapter_names=["lora", "vera", "dora"], num_return_sequences=2,
+                               do_sample=True, max_new_tokens=2, pad_token_id=0),
+     ValueError, "3 adapter names for a batch of 6"),
+    (lambda m, ids: m.generate(input_ids=ids, adapter_names=["lora", "vera", "dora"], num_beams=2,
+                               max_new_tokens=2, pad_token_id=0), ValueError, "3 adapter names for a batch of 6"),
+])
+def test_adapter_names_that_cannot_be_routed_raise(call: Callable, error: type, message: str) -> None:
+    model = three_method_model()
+    ids = model_input("llama", batch=3, seq=5)["input_ids"]
+    with torch.no_grad(), pytest.raises(error, match=message):
+        call(model, ids)
+    assert all(layer.routing is None for _, layer in lorakit.adapted_layers(model))
+
+
+def test_adapter_names_keyword_leaves_with_the_adapters() -> None:
+    model = three_method_model()
+    assert "generate" in model.__dict__ and model._forward_pre_hooks
+    lorakit.unload(model)
+    assert "generate" not in model.__dict__ and not model._forward_pre_hooks and not model._forward_hooks
+    copy_ = copy.deepcopy(three_method_model())  # a deep copy routes itself, not the original
+    ids = model_input("llama", batch=2, seq=5)["input_ids"]
+    with torch.no_grad():
+        copy_.generate(input_ids=ids, adapter_names=["lora", "__base__"], max_new_tokens=2, pad_token_id=0)

@@ -29,7 +29,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "evaluate": ("training.evaluate",),
     "layer": ("adapters.layer", "adapters.base"),
     "metrics": ("training.metrics",),
-    "model": ("adapters.model",),
+    "model": ("adapters.model", "adapters.registry", "adapters.routing"),
     "nf4": ("quant.nf4",),
     "optim": ("adapters.loraplus",),
     "peft_format": ("formats.peft", "formats.files"),

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig, LoraConfig, VeraConfig
 from .layer import Adapter
-from .model import adapt, adapted_layers, adapter_configs, set_adapter
+from .model import adapt, set_adapter
+from .registry import adapted_layers, adapter_configs
 from .targets import compact_target_list
 
 METHODS = ("linear", "cat", "svd")

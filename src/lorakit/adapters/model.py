@@ -19,27 +19,9 @@ from .config import AdapterConfig, LoraConfig, VeraConfig
 from .deltas import LoRADelta, VeRADelta, VeRAProjections
 from .layer import Adapter, AdaptedLinear
 from .modules_to_save import ModulesToSave
+from .registry import CONFIGS_ATTR, adapted_layers, adapter_configs, module_device, saved_module_wrappers
+from .routing import accept_adapter_names, mixed_batch, refuse_adapter_names
 from .targets import find_targets, matches, replace_module
-
-CONFIGS_ATTR = "lorakit_configs"
-
-
-def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
-    """The configs of the adapters in `model`, by adapter name (empty for a plain model)."""
-    return model.__dict__.setdefault(CONFIGS_ATTR, {})
-
-
-def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, AdaptedLinear):
-            yield name, module
-
-
-def saved_module_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSave):
-            yield name, module
-
 
 def _wrap(model: nn.Module, path: str) -> AdaptedLinear:
     module = model.get_submodule(path)
@@ -48,13 +30,6 @@ def _wrap(model: nn.Module, path: str) -> AdaptedLinear:
     layer = AdaptedLinear(module)
     replace_module(model, path, layer)
     return layer
-
-
-def _device(module: nn.Module) -> torch.device:
-    tensor = next(module.parameters(), None)
-    if tensor is None:
-        tensor = next(module.buffers())
-    return tensor.device
 
 
 def _make_adapters(config: AdapterConfig, layers: dict[str, AdaptedLinear]) -> dict[str, Adapter]:
@@ -66,7 +41,7 @@ def _make_adapters(config: AdapterConfig, layers: dict[str, AdaptedLinear]) -> d
         projections = VeRAProjections(config.r, max_in, max_out, config.projection_prng_key)
     adapters = {}
     for path, layer in layers.items():
-        device = _device(layer.base_layer)
+        device = module_device(layer.base_layer)
         if isinstance(config, LoraConfig):
             delta = LoRADelta(layer.in_features, layer.out_features, config.rank_for(path), config.init_lora_weights)
             adapter = Adapter(delta.to(device), config.scaling_for(path), config.lora_dropout)
@@ -105,6 +80,7 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
         config = config.replace(fan_in_fan_out=True)
     configs[adapter_name] = config
     set_adapter(model, adapter_name)
+    accept_adapter_names(model)
     return model
 
 
@@ -179,6 +155,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if not wrapper.copies:
             replace_module(model, path, wrapper.original_module)
     del configs[name]
+    if not configs:
+        refuse_adapter_names(model)
     remaining = [n for n in configs if any(n in layer.active for _, layer in adapted_layers(model))]
     _set_trainable(model, remaining)
 
@@ -226,39 +204,6 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             wrapper.disabled = False
 
 
-BASE = "__base__"
-
-
-@contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Module]:
-    """Inside the block, sample i of every batch runs with adapter adapter_names[i] ("__base__": no adapter).
-
-    Works for forward and `generate` (the batch dimension must stay as given), for LoRA, DoRA and VeRA alike.
-    """
-    configs = adapter_configs(model)
-    unknown = sorted({n for n in adapter_names if n != BASE and n not in configs})
-    if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(configs)} (and {BASE!r})")
-    with_copies = sorted({n for n in adapter_names if n != BASE and configs[n].modules_to_save})
-    if with_copies:
-        raise ValueError(f"adapters {with_copies} train modules_to_save, which a mixed batch cannot route per sample")
-    layers = [layer for _, layer in adapted_layers(model)]
-    if not layers:
-        raise ValueError("the model has no adapters")
-    device = _device(layers[0].base_layer)
-    routing = [
-        (name, torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=device))
-        for name in dict.fromkeys(adapter_names) if name != BASE
-    ]
-    for layer in layers:
-        layer.routing, layer.routing_batch = routing, len(adapter_names)
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.routing = None
-
-
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge the active adapters and return the plain model: no lorakit module or attribute is left.
 
@@ -282,6 +227,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         for path, wrapper in list(saved_module_wrappers(model)):
             replace_module(model, path, wrapper.current)
     model.__dict__.pop(CONFIGS_ATTR, None)
+    refuse_adapter_names(model)
     if dtype is not None:
         model.to(dtype)
     model.requires_grad_(False)
@@ -296,6 +242,7 @@ def unload(model: nn.Module) -> nn.Module:
     for path, wrapper in list(saved_module_wrappers(model)):
         replace_module(model, path, wrapper.original_module)
     model.__dict__.pop(CONFIGS_ATTR, None)
+    refuse_adapter_names(model)
     return model
 
 

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from ..adapters.config import AdapterConfig, LoraConfig, VeraConfig, config_from_peft_dict
 from ..adapters.deltas import VeRADelta
-from ..adapters.model import adapt, adapted_layers, adapter_configs, delete_adapter, saved_module_wrappers
+from ..adapters.model import adapt, delete_adapter
+from ..adapters.registry import adapted_layers, adapter_configs, saved_module_wrappers
 from ..adapters.targets import ALL_LINEAR, compact_target_list
 from .files import atomic_write, read_json_object
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..adapters.combine import factored_svd
 from ..adapters.config import AdapterConfig, VeraConfig
 from ..adapters.layer import AdaptedLinear
-from ..adapters.model import adapted_layers
+from ..adapters.registry import adapted_layers
 from ..formats.peft import PREFIX, load_adapter, read_adapter_config, read_adapter_tensors
 from .figures import new_figure, save_figure
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..adapters.model import adapted_layers
+from ..adapters.registry import adapted_layers
 from .figures import new_figure, save_figure
 
 if TYPE_CHECKING:
