@@ -26,18 +26,27 @@ def _field_type(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix abbreviations: a flag added later never changes what an old command line means."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of `cls`: --field-name, typed, with the field's help text and default."""
+    """One flag per field of `cls`: --field-name (or the field's `flags`), typed, with its help text and default."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, _ = _field_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flags = f.metadata.get("flags", ("--" + f.name.replace("_", "-"),))
         help_text = f.metadata.get("help", "") + f" (default: {f.default})"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
         else:
             choices = [c for c in f.metadata.get("choices", ()) if c is not None] or None
-            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices, help=help_text)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -62,7 +71,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
@@ -171,9 +180,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .training.config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="lorakit", description="Parameter-efficient fine-tuning: LoRA, LoRA+, "
-                                     "QLoRA (NF4), DoRA, VeRA; adapters in PEFT's format.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="lorakit", description="Parameter-efficient fine-tuning: LoRA, LoRA+, QLoRA (NF4), DoRA, "
+                    "VeRA; adapters in PEFT's format.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = sub.add_parser("train", help="fine-tune an adapter (defaults: SmolLM2-135M on the built-in task)")
     train.add_argument("--config", help="YAML or TOML file with any of the options below (flags win)")
@@ -187,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="loss, perplexity and exact match of a model (+ adapter) on data")
     model_and_adapter(evaluate)
     evaluate.add_argument("--data", help="JSONL file; default: the built-in task's held-out split")
-    evaluate.add_argument("--seq-len", type=int, default=256)
+    evaluate.add_argument("--seq-len", type=int, help="maximum tokens per example (default: 256, or the model's "
+                          "context when that is shorter)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--eval-samples", type=int, default=100, help="examples scored by exact match")
     evaluate.add_argument("--chat", action="store_true", help="render prompt/completion through the chat template")

@@ -13,14 +13,14 @@ from .plan import DTYPE_BYTES, METHODS, SHAPES, format_plan, plan
 def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `inspect` with modes plan / adapter / keys; each mode sets `func(args) -> int` on the namespace."""
     parser = subparsers.add_parser("inspect", help="plan an adapter's size and memory, or look inside a saved one")
-    modes = parser.add_subparsers(dest="inspect_mode", required=True)
+    modes = parser.add_subparsers(dest="inspect_mode", required=True, parser_class=type(parser))
 
     p = modes.add_parser("plan", help="parameters, file size and memory from a model's dimensions")
     p.add_argument("--model", "--shape", dest="shape", required=True,
                    help=f"a named shape ({', '.join(sorted(SHAPES))}), a built-in model or a local model directory "
                         "(only its config.json is read)")
     p.add_argument("--method", choices=METHODS, default="lora")
-    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--rank", "--r", dest="r", type=int, default=8)
     p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names or 'all-linear'")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)

@@ -10,6 +10,7 @@ from typing import Any
 from ..adapters.config import LoraConfig, VeraConfig
 
 METHODS = ("lora", "dora", "vera")
+DEFAULT_SEQ_LEN = 256
 
 
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -27,7 +28,8 @@ class TrainConfig:
     eval_fraction: float = _opt(0.05, "held-out share of --data when no --eval-data is given")
     output_dir: str = _opt("runs/lorakit", "where the adapter, checkpoints, metrics and plot go")
     method: str = _opt("lora", "adapter method", choices=METHODS)
-    r: int = _opt(8, "rank (VeRA: size of the shared projections, e.g. 256)")
+    r: int = _opt(8, "rank (VeRA: size of the shared projections, e.g. 256); --r for short, but torchrun takes --r "
+                     "for one of its own flags", flags=("--rank", "--r"))
     alpha: float = _opt(16.0, "lora_alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)")
     dropout: float = _opt(0.0, "dropout on the adapter input")
     targets: str = _opt("all-linear", "modules to adapt: 'all-linear', comma-separated names, or a regex")
@@ -46,7 +48,8 @@ class TrainConfig:
     batch_size: int = _opt(8, "examples per micro-batch (per process)")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)")
-    seq_len: int = _opt(256, "maximum tokens per example (longer ones are truncated and counted)")
+    seq_len: int | None = _opt(None, "maximum tokens per example (longer ones are truncated and counted); default "
+                                     f"{DEFAULT_SEQ_LEN}, or the model's context when that is shorter")
     pack: bool = _opt(False, "pack examples into blocks of --seq-len tokens")
     chat: bool = _opt(False, "render prompt/completion records through the tokenizer's chat template")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")

@@ -20,7 +20,7 @@ from torch import nn
 from ..adapters.loraplus import loraplus_param_groups
 from ..adapters.model import adapt
 from ..models.load import load_model
-from .config import TrainConfig
+from .config import DEFAULT_SEQ_LEN, TrainConfig
 from .batches import BatchStream
 from .data import DataStats, Example, load_jsonl, pack_examples, tokenize_records
 from .distributed import DistContext
@@ -32,12 +32,27 @@ class Datasets:
     train: list[Example]
     eval: list[Example]
     stats: DataStats
+    seq_len: int  # the resolved --seq-len
+    notes: list[str]  # what the user should know about how the data was read
+
+
+def resolve_seq_len(requested: int | None, max_positions: int | None) -> tuple[int, list[str]]:
+    """The tokens per example: as asked (an error beyond the model's context), or the default clamped to it."""
+    if requested is None:
+        if max_positions is not None and max_positions < DEFAULT_SEQ_LEN:
+            return max_positions, [f"--seq-len defaults to {DEFAULT_SEQ_LEN}, more than the model's context of "
+                                   f"{max_positions} tokens: using {max_positions}"]
+        return DEFAULT_SEQ_LEN, []
+    if requested <= 0:
+        raise ValueError(f"--seq-len must be positive, got {requested}")
+    if max_positions is not None and requested > max_positions:
+        raise ValueError(f"--seq-len {requested} exceeds the model's context of {max_positions} tokens")
+    return requested, []
 
 
 def load_datasets(config: TrainConfig, tokenizer: Any, max_positions: int | None) -> Datasets:
     """Read (or generate), split and tokenize the data; raises ValueError with the reason for bad input."""
-    if max_positions is not None and config.seq_len > max_positions:
-        raise ValueError(f"--seq-len {config.seq_len} exceeds the model's context of {max_positions} tokens")
+    seq_len, notes = resolve_seq_len(config.seq_len, max_positions)
     if config.data is None:
         train_records, eval_records = make_builtin_task(config.seed, config.builtin_train_size, config.eval_samples)
     else:
@@ -49,13 +64,13 @@ def load_datasets(config: TrainConfig, tokenizer: Any, max_positions: int | None
             n_eval = max(1, int(len(train_records) * config.eval_fraction)) if len(train_records) > 1 else 0
             eval_records = [train_records[i] for i in order[:n_eval]]
             train_records = [train_records[i] for i in sorted(order[n_eval:])]
-    train, stats = tokenize_records(train_records, tokenizer, config.seq_len, chat=config.chat)
-    evaluation, _ = tokenize_records(eval_records, tokenizer, config.seq_len, chat=config.chat)
+    train, stats = tokenize_records(train_records, tokenizer, seq_len, chat=config.chat)
+    evaluation, _ = tokenize_records(eval_records, tokenizer, seq_len, chat=config.chat)
     if not train:
         raise ValueError("the training data holds no usable example")
     if config.pack:
-        train = pack_examples(train, config.seq_len)
-    return Datasets(train, evaluation, stats)
+        train = pack_examples(train, seq_len)
+    return Datasets(train, evaluation, stats, seq_len, notes)
 
 
 def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:

@@ -60,8 +60,10 @@ class Trainer:
         else:
             self.metrics.reset()
         self.echo(f"lorakit: {config.method} on {config.model}: {trainable_parameters(self.model)}")
+        for note in self.data.notes:
+            self.echo(f"lorakit: {note}")
         self.echo(f"lorakit: {len(self.data.train)} training / {len(self.data.eval)} eval examples, "
-                  f"{self.data.stats.n_truncated} truncated to {config.seq_len} tokens")
+                  f"{self.data.stats.n_truncated} truncated to {self.data.seq_len} tokens")
         if not resumed:
             self._write_config()
             self._evaluate("base")
@@ -71,12 +73,13 @@ class Trainer:
             self.echo(f"lorakit: interrupted at step {self.step}; checkpoint saved, continue with --resume")
             return {"interrupted": True, "step": self.step}
         final = self._evaluate("tuned")
+        plot = None
         if self.dist.is_main:
             save_adapter(self.model, self.out / "adapter")
-            plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
+            plot = plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
         self._save_checkpoint()  # on every rank: it gathers their RNG states and waits for rank 0's files
         self.echo(f"lorakit: adapter: {self.out / 'adapter'}  metrics: {self.out / 'metrics.jsonl'}  "
-                  f"plot: {self.out / 'loss.png'}")
+                  + (f"plot: {plot}" if plot else "no plot written: matplotlib is missing (pip install matplotlib)"))
         return final
 
     def _train_loop(self) -> bool:
@@ -186,7 +189,7 @@ class Trainer:
 
     def _write_config(self) -> None:
         if self.dist.is_main:
-            resolved = dataclasses.asdict(self.config) | {"total_steps": self.total_steps,
+            resolved = dataclasses.asdict(self.config) | {"seq_len": self.data.seq_len, "total_steps": self.total_steps,
                                                           "adapter": self.config.adapter_config().to_peft_dict()}
             (self.out / "train_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
