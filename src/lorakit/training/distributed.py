@@ -25,7 +25,7 @@ Two ways to spread the model (`DistContext.wrap`):
 
 Loss normalization: Hugging Face's causal-LM loss is a per-token mean over one micro-batch, and averaging such means
 over ranks (what a gradient all-reduce does) gives a token on a rank with few loss tokens more weight than one on a
-rank with many. With more than one rank or micro-batch, lorakit sums the token losses of each micro-batch and
+rank with many. lorakit sums the token losses of each micro-batch (loss.py: logits only where a label is) and
 divides by the number of loss tokens in the whole optimizer step over all ranks (one all-reduce per step); since the
 gradient reduction averages over ranks, the loss is multiplied by world_size before backward (`scale_loss`). Loss and
 gradients are then those of one process that sees the whole global batch at once.
@@ -41,11 +41,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import IGNORE_INDEX
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 SHARDED_FLAG = "_is_fsdp_managed_module"  # transformers' mark of FSDP2 models: generate then keeps ranks in step
@@ -254,20 +252,3 @@ def _fully_shard() -> Callable[..., nn.Module]:
 def is_sharded(module: nn.Module) -> bool:
     """Whether `shard` has run on the module: its forward then needs every rank."""
     return getattr(module, SHARDED_FLAG, False)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loss normalization
-
-
-def loss_token_count(batch: dict[str, Tensor]) -> int:
-    """Tokens that carry loss: labels after the first position (token t predicts t + 1) that are not ignored."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def summed_token_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Cross-entropy summed over the batch's loss tokens in float32: the numerator of a global per-token mean."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [batch, seq, vocab]
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # [batch, seq]: position t predicts t + 1
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .data import IGNORE_INDEX, Example, collate
+from .data import Example, collate
+from .loss import loss_token_count, summed_token_loss
 from .task import exact_match
 
 
@@ -25,12 +26,8 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]  # [batch, seq - 1]: token t predicts t + 1
-        losses = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-        total += losses.item()
-        count += int((targets != IGNORE_INDEX).sum())
+            total += summed_token_loss(model, batch).item()
+        count += loss_token_count(batch)
     model.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

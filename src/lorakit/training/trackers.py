@@ -86,10 +86,10 @@ def _plain(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one level, their keys joined with dots."""
+    """Nested dicts as one level, their keys joined with dots (an empty dict stays a value)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             flat |= _flatten(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value

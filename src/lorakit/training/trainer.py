@@ -28,6 +28,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import collate
 from .evaluate import evaluate_exact_match, evaluate_loss
+from .loss import loss_token_count, summed_token_loss
 from .metrics import MetricsLog, plot_metrics
 from .setup import prepare_run
 
@@ -112,25 +113,21 @@ class Trainer:
     def _optimizer_step(self) -> tuple[float, int]:
         """One optimizer step over grad_accum micro-batches; returns the loss (all ranks) and tokens seen (all ranks).
 
-        One micro-batch on one process uses the model's own mean token loss; otherwise the step's loss is the sum over
-        every loss token of every micro-batch and rank divided by their global count (see distributed.py).
+        The step's loss is the sum over every loss token of every micro-batch and rank divided by their global count
+        (loss.py; logits only where a label is).
         """
         config = self.config
         examples = next(self.stream)
         batches = [{k: v.to(self.dist.device) for k, v in collate(examples[i:i + config.batch_size],
                                                                    self.tokenizer.pad_token_id).items()}
                    for i in range(0, len(examples), config.batch_size)]
-        summed = self.dist.active or len(batches) > 1
-        loss_tokens, tokens = self.dist.sum_ints([sum(map(distributed.loss_token_count, batches)),
+        loss_tokens, tokens = self.dist.sum_ints([sum(map(loss_token_count, batches)),
                                                   sum(int(b["attention_mask"].sum()) for b in batches)])
         total_loss = 0.0
         for index, batch in enumerate(batches):
             with self.dist.no_sync(self.wrapped, last=index == len(batches) - 1):
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast is not None):
-                    if summed:
-                        loss = distributed.summed_token_loss(self.wrapped, batch) / max(loss_tokens, 1)
-                    else:
-                        loss = self.wrapped(**batch).loss
+                    loss = summed_token_loss(self.wrapped, batch) / max(loss_tokens, 1)
                 self.dist.scale_loss(loss).backward()
             total_loss += loss.item()
         self.dist.reduce_gradients(self.wrapped)
