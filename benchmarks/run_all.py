@@ -48,6 +48,7 @@ PARTS = (
     Part("ddp", "bench_ddp.py", ("--rounds", "1", "--steps", "3", "--warmup", "1")),
     Part("quantization", "claim_quantization.py"),
     Part("finetune", "claim_finetune.py"),
+    Part("big_base", "bench_big_base.py"),  # full: the TinyLlama-1.1B shape; --quick: the tiny shape
 )
 PEERS = ("torch", "transformers", "peft", "bitsandbytes", "torchao")
 
