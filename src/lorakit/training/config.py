@@ -63,6 +63,8 @@ class TrainConfig:
     threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
     fsdp: bool = _opt(False, "under torchrun: shard the frozen base over the processes with FSDP2 (adapters stay "
                              "whole on every process) instead of replicating it with DDP")
+    report_to: str = _opt("none", "also send the metrics to trackers: none, or a comma-separated subset of "
+                                  "tensorboard, mlflow, trackio, wandb (local files under --output-dir, W&B offline)")
     builtin_train_size: int = _opt(800, "size of the built-in task's training split")
 
     def adapter_config(self) -> LoraConfig | VeraConfig:

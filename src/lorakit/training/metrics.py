@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
 class MetricsLog:
-    """Appends metric records to a JSONL file; only the main process writes."""
+    """Appends metric records to a JSONL file, and hands each to `also` (the trackers); only the main process writes."""
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
         self.enabled = enabled
+        self.also: Callable[[dict[str, Any]], None] | None = None
 
     def reset(self) -> None:
         if self.enabled and self.path.exists():
@@ -23,6 +25,8 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as file:
                 file.write(json.dumps(record) + "\n")
+            if self.also is not None:
+                self.also(record)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (written after the checkpoint a resumed run starts from)."""

@@ -41,6 +41,9 @@ PROJECT = "lorakit"
 MLFLOW_MAX_KEY, MLFLOW_MAX_VALUE = 250, 6000  # MLflow's limits on a param's name and value
 
 
+LIBRARIES = {"tensorboard": "torch.utils.tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
+
+
 def parse_report_to(text: str) -> tuple[str, ...]:
     """`--report-to`: "none" or "" for none, else a comma-separated subset of TRACKERS (duplicates dropped)."""
     names = tuple(dict.fromkeys(name.strip().lower() for name in text.split(",") if name.strip()))
@@ -64,11 +67,14 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 class Tracker(Protocol):
     """One experiment tracker: started once, given every metrics record, finished at the end of the run."""
 
-    def start(self, run_dir: Path, run_name: str, config: dict[str, Any]) -> None: ...
+    def start(self, run_dir: Path, run_name: str, config: dict[str, Any]) -> None:
+        """Import the tracker's library and open a run named `run_name` with the resolved `config`."""
 
-    def log(self, record: dict[str, Any]) -> None: ...
+    def log(self, record: dict[str, Any]) -> None:
+        """Send one metrics.jsonl record: its `scalars` at its step."""
 
-    def finish(self) -> None: ...
+    def finish(self) -> None:
+        """Close the run; what was logged is written out."""
 
 
 def _require(module: str, tracker: str) -> ModuleType:
@@ -78,6 +84,12 @@ def _require(module: str, tracker: str) -> ModuleType:
     except ImportError as error:
         raise ValueError(f"--report-to {tracker} needs the {tracker} package: "
                          f"pip install 'lorakit[{tracker}]'") from error
+
+
+def check_libraries(names: Iterable[str]) -> None:
+    """Fail now, with the extra to install, if a tracker's library is missing (not after hours of loading)."""
+    for name in names:
+        _require(LIBRARIES[name], name)
 
 
 def _plain(config: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +112,7 @@ class TensorBoardTracker:
     """Scalars in `<run_dir>/tensorboard` through torch's SummaryWriter; the config as a text summary."""
 
     def start(self, run_dir: Path, run_name: str, config: dict[str, Any]) -> None:
-        writer_class = _require("torch.utils.tensorboard", "tensorboard").SummaryWriter
+        writer_class = _require(LIBRARIES["tensorboard"], "tensorboard").SummaryWriter
         self.writer = writer_class(log_dir=str(run_dir / "tensorboard"))
         self.writer.add_text("config", "```json\n" + json.dumps(_plain(config), indent=2) + "\n```")
 

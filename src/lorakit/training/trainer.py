@@ -31,6 +31,7 @@ from .evaluate import evaluate_exact_match, evaluate_loss
 from .loss import loss_token_count, summed_token_loss
 from .metrics import MetricsLog, plot_metrics
 from .setup import prepare_run
+from .trackers import check_libraries, open_trackers, parse_report_to
 
 
 class Trainer:
@@ -41,6 +42,9 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.dist = distributed.context()
         self.echo = echo if self.dist.is_main else (lambda _: None)
+        self.report_to = parse_report_to(config.report_to)
+        if self.dist.is_main:
+            check_libraries(self.report_to)
         prepared = prepare_run(config, self.dist)
         self.model, self.tokenizer, self.data = prepared.model, prepared.tokenizer, prepared.data
         self.wrapped, self.stream, self.total_steps = prepared.wrapped, prepared.stream, prepared.total_steps
@@ -65,6 +69,15 @@ class Trainer:
             self.echo(f"lorakit: {note}")
         self.echo(f"lorakit: {len(self.data.train)} training / {len(self.data.eval)} eval examples, "
                   f"{self.data.stats.n_truncated} truncated to {self.data.seq_len} tokens")
+        trackers = open_trackers(self.report_to, self.out, self.out.name, self._resolved_config(), self.dist.is_main)
+        self.metrics.also = trackers.log
+        try:
+            return self._run(resumed)
+        finally:
+            trackers.finish()
+            self.metrics.also = None
+
+    def _run(self, resumed: bool) -> dict[str, Any]:
         if not resumed:
             self._write_config()
             self._evaluate("base")
@@ -184,11 +197,15 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         self.echo(f"lorakit: resumed from step {self.step}")
 
+    def _resolved_config(self) -> dict[str, Any]:
+        """Every option as this run resolved it (train_config.json, and the trackers' config)."""
+        return dataclasses.asdict(self.config) | {"seq_len": self.data.seq_len, "total_steps": self.total_steps,
+                                                  "adapter": self.config.adapter_config().to_peft_dict()}
+
     def _write_config(self) -> None:
         if self.dist.is_main:
-            resolved = dataclasses.asdict(self.config) | {"seq_len": self.data.seq_len, "total_steps": self.total_steps,
-                                                          "adapter": self.config.adapter_config().to_peft_dict()}
-            (self.out / "train_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+            text = json.dumps(self._resolved_config(), indent=2, default=str)
+            (self.out / "train_config.json").write_text(text + "\n")
 
 
 class StopRequest:
