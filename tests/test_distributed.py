@@ -109,6 +109,9 @@ def _free_port() -> int:
 def _rank_main(rank: int, port: int, target: Callable[..., object], args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A forked child cannot use the OpenMP worker threads of a parent that ran parallel torch ops (they do not exist
+    # in the child, and its first parallel region would wait for them forever): one thread per rank, as torchrun's.
+    torch.set_num_threads(1)
     try:
         target(*args)
         if dist.is_initialized():

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 import lorakit
 from lorakit.formats.checkpoint import Checkpoint
 from lorakit.models import byte_tokenizer
-from lorakit.models.load import resolve_dtype
+from lorakit.models.load import avoid_slow_half_matmuls, resolve_dtype
 from lorakit.quant.nf4 import NF4Linear
 from conftest import tiny_gpt2, tiny_llama
 
@@ -48,8 +48,13 @@ def _write(kind: str, directory: Path, stored: str = "float32", sharded: bool = 
 
 
 def _eager(directory: Path, dtype: torch.dtype, quantize: bool, skip: tuple[str, ...] = ("lm_head",)):
+    """from_pretrained + quantize, and the loader's documented last step (dense half-precision layers on a CPU
+    without bfloat16 units become FrozenLinear, whose products run in float32)."""
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-    return lorakit.quantize(model, skip=skip) if quantize else model
+    if quantize:
+        lorakit.quantize(model, skip=skip)
+    avoid_slow_half_matmuls(model)
+    return model
 
 
 def _assert_identical(eager: torch.nn.Module, streamed: torch.nn.Module) -> None:
@@ -216,9 +221,9 @@ def test_pickle_only_checkpoint_is_refused(tmp_path: Path) -> None:
 def test_auto_dtype_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from lorakit.models import load
 
-    monkeypatch.setattr(load, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(load, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu") == torch.float32
-    monkeypatch.setattr(load, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(load, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu") == torch.bfloat16
     assert resolve_dtype("float16") == torch.float16 and resolve_dtype(torch.bfloat16) == torch.bfloat16
     with pytest.raises(ValueError, match="dtype 'int8': choose one of auto, float32, bfloat16, float16"):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import base_bias, base_dims, dense_weight, is_conv1d
+from .base import base_bias, base_dims, dense_weight, frozen_linear_forward, is_conv1d
 from .deltas import LoRADelta, VeRADelta
 
 Delta = LoRADelta | VeRADelta
@@ -126,7 +126,8 @@ class AdaptedLinear(nn.Module):
         self.adapters[name] = adapter
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
-        base_out = self.base_layer(x, *args, **kwargs)
+        base_out = frozen_linear_forward(self.base_layer, x) if not (args or kwargs) else \
+            self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return base_out
         if self.routing is not None:

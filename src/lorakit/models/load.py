@@ -16,6 +16,7 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
+from ..adapters.base import FrozenLinear, cpu_has_native_bf16, matmul_dtype
 from ..formats.checkpoint import Checkpoint
 from ..formats.quantized import QUANT_WEIGHTS_NAME, is_quantized_dir, read_manifest
 from .builtin import BUILTIN_MODELS, ensure_builtin, unknown_model_message
@@ -87,6 +88,7 @@ def load_model(
         nf4 = NF4Options(skip, double_quant=double_quant) if quantize else None
         model = stream_checkpoint(empty_model(config, chosen), Checkpoint(directory), chosen, device, nf4,
                                   progress=progress)
+    avoid_slow_half_matmuls(model)
     model.config.name_or_path = str(source)
     if (directory / GENERATION_CONFIG_NAME).is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
@@ -121,8 +123,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike[str], dtype: torch.
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
     """A dtype name or torch dtype; "auto" is bfloat16 on a CUDA device that computes in it (else float16) and on a
     CPU with native bfloat16 matrix units (AVX512-BF16, AMX), and float32 on other CPUs: there a bfloat16 matmul
-    runs about 2x slower than float32 (measured on AVX2; RESULTS.md), so halving the frozen weights' memory would
-    cost speed on every step."""
+    runs 3x slower than float32 or, for the backward's grad·W product, falls back to a scalar kernel (see
+    `adapters.base.matmul_dtype`), so halving the frozen weights' memory would cost speed on every step."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
@@ -132,15 +134,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" and _cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
 
 
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+def avoid_slow_half_matmuls(model: nn.Module) -> None:
+    """Half-precision dense layers on a CPU without native bfloat16 become FrozenLinear (see adapters.base)."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(module) is nn.Linear and matmul_dtype(weight.dtype, weight.device) != weight.dtype:
+            module.__class__ = FrozenLinear
 
 
 def _download(hub_id: str) -> Path:

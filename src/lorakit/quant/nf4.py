@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapters.base import matmul_dtype
+
 __all__ = [
     "NF4_OFFSET",
     "NF4Linear",
@@ -450,7 +452,9 @@ class _NF4LinearFunction(torch.autograd.Function):
         ctx.tensor_names = tuple(tensors)
         ctx.weight_metadata = weight.metadata()
         ctx.save_for_backward(*tensors.values())
-        return F.linear(x, weight.dequantize(x.dtype), bias)
+        compute = matmul_dtype(x.dtype, x.device)
+        b = None if bias is None else bias.to(compute)
+        return F.linear(x.to(compute), weight.dequantize(compute), b).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -459,7 +463,8 @@ class _NF4LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             tensors = dict(zip(ctx.tensor_names, ctx.saved_tensors, strict=True))
             weight = NF4Weight.from_state_dict(tensors, ctx.weight_metadata)
-            grad_x = grad_out.matmul(weight.dequantize(grad_out.dtype))  # [..., out] @ [out, in]
+            compute = matmul_dtype(grad_out.dtype, grad_out.device)
+            grad_x = (grad_out.to(compute) @ weight.dequantize(compute)).to(grad_out.dtype)  # [..., out] @ [out, in]
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None
