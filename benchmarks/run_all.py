@@ -49,6 +49,9 @@ PARTS = (
     Part("quantization", "claim_quantization.py"),
     Part("finetune", "claim_finetune.py"),
     Part("big_base", "bench_big_base.py"),  # full: the TinyLlama-1.1B shape; --quick: the tiny shape
+    Part("main_job", "bench_main_job.py",
+         ("--model", "smollm2-135m", "--steps", "60", "--eval-samples", "100", "--datasets", "builtin,chat"),
+         ("--quick",)),
 )
 PEERS = ("torch", "transformers", "peft", "bitsandbytes", "torchao")
 
