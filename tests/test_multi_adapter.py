@@ -305,17 +305,22 @@ def alone(model: nn.Module, name: str, run: Callable[[], Tensor]) -> Tensor:
     return run()
 
 
+def assert_each_sample_alone(model: nn.Module, names: list[str], ids: Tensor, routed: Tensor) -> None:
+    """Row i of `routed` is what the model gives sample i with only adapter names[i]; no routing is left over."""
+    for i, name in enumerate(names):
+        with torch.no_grad():
+            expected = alone(model, name, lambda i=i: model(input_ids=ids[i : i + 1]).logits)
+        torch.testing.assert_close(routed[i : i + 1], expected, rtol=1e-5, atol=1e-5)
+    assert all(layer.routing is None for _, layer in lorakit.adapted_layers(model))
+
+
 def test_mixed_batch_equals_each_sample_alone() -> None:
     model = three_method_model()
     names = ["vera", "lora", "__base__", "dora", "lora"]
     ids = model_input("llama", batch=len(names), seq=9)["input_ids"]
     with torch.no_grad(), lorakit.mixed_batch(model, names):
         mixed = model(input_ids=ids).logits
-    for i, name in enumerate(names):
-        with torch.no_grad():
-            expected = alone(model, name, lambda i=i: model(input_ids=ids[i : i + 1]).logits)
-        torch.testing.assert_close(mixed[i : i + 1], expected, rtol=1e-5, atol=1e-5)
-    assert all(layer.routing is None for _, layer in lorakit.adapted_layers(model))
+    assert_each_sample_alone(model, names, ids, mixed)
 
 
 def test_mixed_batch_generate_equals_per_sample_generate() -> None:
@@ -351,10 +356,7 @@ def test_adapter_names_keyword_routes_forward_like_each_sample_alone() -> None:
     with torch.no_grad():
         routed = model(input_ids=ids, adapter_names=names).logits
         after = model(input_ids=ids).logits  # the call's routing ends with the call: the active adapter again
-    for i, name in enumerate(names):
-        with torch.no_grad():
-            expected = alone(model, name, lambda i=i: model(input_ids=ids[i : i + 1]).logits)
-        torch.testing.assert_close(routed[i : i + 1], expected, rtol=1e-5, atol=1e-5)
+    assert_each_sample_alone(model, names, ids, routed)
     lorakit.set_adapter(model, "dora")
     with torch.no_grad():
         torch.testing.assert_close(after, model(input_ids=ids).logits, rtol=0, atol=0)
