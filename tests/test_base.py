@@ -100,3 +100,21 @@ def test_a_half_precision_load_keeps_the_output_head_out_of_the_slow_kernel(tmp_
     lorakit.adapt(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.usefixtures("no_native_bf16")
+def test_frozen_linear_casts_the_weight_in_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of rows give the same products as one block (the float32 copy in flight is one block)."""
+    torch.manual_seed(1)
+    weight = torch.randn(37, 16, dtype=torch.bfloat16)
+    bias = torch.randn(37, dtype=torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
+    results = []
+    for elements in (1 << 24, 16 * 5):  # one block; blocks of 5 rows (the last one 2)
+        monkeypatch.setattr(base, "CAST_CHUNK_ELEMENTS", elements)
+        x.grad = None
+        y = FrozenLinearFunction.apply(x, weight, bias)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), x.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-2, atol=1e-2)

@@ -83,15 +83,23 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+CAST_CHUNK_ELEMENTS = 1 << 24  # rows of W cast at a time: a 64 MiB float32 copy, never the whole (vocab-sized) W
+
+
 class FrozenLinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + b for a frozen dense W, its products in `matmul_dtype` (gradients flow to x and b, never to W)."""
+    """y = x·Wᵀ + b for a frozen dense W, its products in `matmul_dtype` (gradients flow to x and b, never to W).
+    W is cast block of rows by block of rows, so the float32 copy in flight stays small even for an output head."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(weight)
         compute = matmul_dtype(x.dtype, x.device)
-        b = None if bias is None else bias.to(compute)
-        return F.linear(x.to(compute), weight.to(compute), b).to(x.dtype)
+        x_c = x.to(compute)
+        out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)  # [..., out]
+        for rows in _row_blocks(weight):
+            b = None if bias is None else bias[rows].to(compute)
+            out[..., rows] = F.linear(x_c, weight[rows].to(compute), b)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -100,10 +108,19 @@ class FrozenLinearFunction(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             compute = matmul_dtype(grad_out.dtype, grad_out.device)
-            grad_x = (grad_out.to(compute) @ weight.to(compute)).to(grad_out.dtype)  # [..., out] @ [out, in]
+            total = None
+            for rows in _row_blocks(weight):  # Σ over row blocks of grad[..., rows] @ W[rows]: [..., in]
+                part = grad_out[..., rows].to(compute) @ weight[rows].to(compute)
+                total = part if total is None else total.add_(part)
+            grad_x = total.to(grad_out.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias
+
+
+def _row_blocks(weight: Tensor) -> list[slice]:
+    step = max(1, CAST_CHUNK_ELEMENTS // weight.shape[1])
+    return [slice(start, start + step) for start in range(0, weight.shape[0], step)]
 
 
 def frozen_linear_forward(base: nn.Module, x: Tensor) -> Tensor:
