@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.model import trainable_parameters
 from ..formats.peft import save_adapter
+from ..models.stream import limit_heap_retention
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -235,4 +236,5 @@ def stop_signals() -> Iterator[StopRequest]:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run `lorakit train` from Python."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    limit_heap_retention()
     return Trainer(config).run()
