@@ -221,10 +221,7 @@ def release_freed_memory() -> None:
     """Hand the heap's free pages back to the system (glibc's malloc_trim). Quantizing leaves freed blocks of the
     16 MiB working chunks in malloc's arenas, which stay in the process's resident memory: measured on a 1.1B model,
     1,203 MiB resident after the load, 1,003 MiB after trimming, for 726 MiB of weights. A no-op off glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    _glibc("malloc_trim", 0)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -237,8 +234,13 @@ def limit_heap_retention() -> None:
     training step makes on an NF4 or half-precision base then stay in the heap, fragmented: measured on a 1.1B NF4
     base, one forward grew the resident memory by 758 MiB with the default, by 208 MiB with this. For a process
     that trains (`lorakit train`); a no-op off glibc."""
+    _glibc("mallopt", M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+
+
+def _glibc(function: str, *args: int) -> None:
+    """Call one of glibc's malloc tuning functions; nothing where the C library is another one."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
     except (OSError, AttributeError):
         pass
 
