@@ -35,11 +35,13 @@ __all__ = [
     "AdaptedLinear", "Adapter", "LoraConfig", "MemoryFootprint", "NF4Linear", "NF4Weight", "load_quantized",
     "load_model", "memory_footprint", "quantize", "quantize_nf4", "save_quantized", "ParameterCount", "VeraConfig", "adapt", "adapted_layers",
     "adapter_configs", "adapter_state_dict", "combine_adapters", "create_loraplus_optimizer", "delete_adapter", "disable_adapters",
+    "export_gguf",
     "load_adapter", "loraplus_param_groups", "merge", "merge_and_unload", "mixed_batch", "read_adapter_config", "save_adapter",
     "set_adapter", "trainable_parameters", "unload", "unmerge",
 ]
 
-LAZY = {"load_model": "models.load", "load_quantized": "models.load"}  # they import transformers' model classes
+LAZY = {"load_model": "models.load", "load_quantized": "models.load",  # they import transformers' model classes
+        "export_gguf": "export"}
 
 
 def __getattr__(name: str) -> Any:
