@@ -127,6 +127,23 @@ def test_all_zero_blocks_get_zero_code_and_zero_absmax():
     assert torch.equal(quantized.dequantize()[1], torch.zeros(64))
 
 
+def test_codes_at_thresholds_neighbours_and_bin_edges():
+    """Each value's code is the number of float32 level midpoints strictly below it (nearest level, ties down),
+    also right at a midpoint, one ulp either side, on the edges of the lookup bins and just beyond ±1."""
+    midpoints = (LEVELS[:-1] + LEVELS[1:]) / 2  # [15] float32, as bitsandbytes rounds them
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    edges = -1.0 + torch.arange(257) / 128  # every multiple of 1/128 in [-1, 1]
+    probes = torch.cat([midpoints, torch.nextafter(midpoints, up), torch.nextafter(midpoints, down), edges,
+                        torch.nextafter(edges, up), torch.nextafter(edges, down), LEVELS, torch.rand(4000) * 2 - 1])
+    probes = probes.clamp(-1.0, 1.0)
+    expected = (midpoints[None, :] < probes[:, None]).sum(1)  # [n]
+    padded = torch.cat([probes, torch.zeros(-probes.numel() % 63)]).view(-1, 63)
+    weight = torch.cat([padded, torch.ones(padded.shape[0], 1)], dim=1)  # [blocks, 64]: each block's absmax is 1
+    packed = quantize_nf4(weight, double_quant=False).packed
+    codes = torch.stack([packed // 16, packed % 16], dim=1).view(-1, 64)[:, :63].reshape(-1)
+    assert torch.equal(codes[: probes.numel()].long(), expected)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bit identity with bitsandbytes (CPU)
 # ---------------------------------------------------------------------------------------------------------------
