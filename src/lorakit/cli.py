@@ -1,4 +1,4 @@
-"""The `lorakit` command: train, eval, generate, merge, quantize, inspect.
+"""The `lorakit` command: train, eval, generate, merge, quantize, export, inspect.
 
 `lorakit train` flags are generated from `TrainConfig`'s typed fields; `--config FILE` (YAML or TOML) sets any of
 them and flags given on the command line win. Bad input ends with one line on stderr and exit status 2.
@@ -177,6 +177,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_gguf
+
+    path = export_gguf(args.adapter, args.output, model=args.model, merged=args.merged, outtype=args.outtype)
+    kind = "merged model" if args.merged else "LoRA adapter (llama.cpp --lora)"
+    print(f"lorakit: GGUF {kind} written to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .training.config import TrainConfig
 
@@ -226,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="dtype of the dense tensors (embeddings, norms, output head) and the NF4 compute dtype")
     quant.set_defaults(func=cmd_quantize)
+
+    export = sub.add_parser("export", help="GGUF for llama.cpp, Ollama, LM Studio: a LoRA adapter (--lora) or, with "
+                            "--merged, the whole merged model")
+    export.add_argument("--adapter", help="adapter directory (PEFT format); with --merged it may be omitted to "
+                        "convert the base alone")
+    export.add_argument("--model", help="base model: built-in name, local HF directory or hub id (default: the one "
+                        "adapter_config.json names)")
+    export.add_argument("--merged", action="store_true", help="write base + adapter merged, as a complete GGUF model")
+    export.add_argument("--output", required=True, help="the .gguf file to write")
+    export.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"),
+                        help="tensor type (default: f32 for adapters, f16 for merged models; q8_0 merged only)")
+    export.set_defaults(func=cmd_export)
 
     from .inspect.cli import register_cli
 

@@ -24,7 +24,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from .adapters.config import AdapterConfig, LoraConfig
 from .adapters.model import merge_and_unload
 from .adapters.registry import adapted_layers
-from .formats.gguf import LoraFactors, Metadata, write_lora_adapter, write_model
+from .formats.gguf import LoraFactors, Metadata, architecture, write_lora_adapter, write_model
 from .formats.gguf_vocab import copy_tokenizer, hf_tokenizer_metadata
 from .formats.peft import load_adapter, read_adapter_config
 from .models.builtin import RECIPE_FILE, smollm2_gguf_path
@@ -55,6 +55,7 @@ def _export_lora(base: str, adapter: str | os.PathLike[str], config: AdapterConf
                  outtype: str) -> Path:
     _check_expressible(config)
     model_config = AutoConfig.from_pretrained(resolve_model(base))
+    architecture(model_config)  # an unsupported model type is refused before anything loads
     # Only the adapter and the layers' shapes are needed: the base's weights are allocated, never read.
     skeleton = load_adapter(empty_model(model_config, torch.bfloat16).to_empty(device="cpu"), adapter)
     factors = [LoraFactors(path, *layer.adapters["default"].delta.factors(), layer.adapters["default"].scaling)
@@ -78,6 +79,7 @@ def _check_expressible(config: AdapterConfig) -> None:
 
 
 def _export_merged(base: str, adapter: str | os.PathLike[str] | None, output: Path, outtype: str) -> Path:
+    architecture(AutoConfig.from_pretrained(resolve_model(base)))
     model, tokenizer = load_model(base, dtype="float32")
     if adapter is not None:
         model = merge_and_unload(load_adapter(model, adapter), dtype=torch.float32)
