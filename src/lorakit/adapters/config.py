@@ -1,7 +1,8 @@
 """Adapter configurations, with PEFT's field names so that files and habits carry over.
 
-`LoraConfig` covers LoRA (Hu et al. 2021), rsLoRA (Kalajdzievski 2023: scaling α/√r) and DoRA (Liu et al. 2024,
-`use_dora=True`); `VeraConfig` covers VeRA (Kopiczko et al. 2024). Both are frozen dataclasses and read/write the
+`LoraConfig` covers LoRA (Hu et al. 2021), rsLoRA (Kalajdzievski 2023: scaling α/√r), DoRA (Liu et al. 2024,
+`use_dora=True`) and the initialisations of `init.py` (PiSSA, OLoRA, LoftQ with a `LoftQConfig`); `VeraConfig` covers
+VeRA (Kopiczko et al. 2024). Both are frozen dataclasses and read/write the
 `adapter_config.json` that PEFT writes (`to_peft_dict`, `config_from_peft_dict`).
 """
 
@@ -22,11 +23,14 @@ BIAS_MODES = ("none", "all", "lora_only")
 # does not implement, so loading warns that it is ignored.
 _PEFT_INERT_KEYS = {
     "alora_invocation_tokens", "arrow_config", "auto_mapping", "corda_config", "ensure_weight_tying", "eva_config",
-    "inference_mode", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config",
+    "inference_mode", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
     "lora_bias", "lora_ga_config", "megatron_config", "megatron_core", "monteclora_config", "peft_version",
     "qalora_group_size", "revision", "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
     "velora_config", "init_weights", "runtime_config",
 }
+
+
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq")  # and "pissa_niter_<N>"
 
 
 def _as_targets(value: Any) -> TargetSpec:
@@ -72,11 +76,27 @@ class _AdapterConfig:
 
 
 @dataclass(frozen=True)
+class LoftQConfig:
+    """LoftQ's options, PEFT's names: bits of the quantized base (4: NF4) and alternating quantize/SVD rounds."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits != 4:
+            raise ValueError(f"loftq_bits must be 4 (lorakit quantizes to NF4), got {self.loftq_bits}")
+        if self.loftq_iter < 1:
+            raise ValueError(f"loftq_iter must be at least 1, got {self.loftq_iter}")
+
+
+@dataclass(frozen=True)
 class LoraConfig(_AdapterConfig):
     """LoRA: y = W0·x + s·B·A·dropout(x), s = lora_alpha / r (or / √r with use_rslora).
 
-    init_lora_weights: True (A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0) or False (both random:
-    the adapter is not an identity at init; for tests). rank_pattern / alpha_pattern override r / lora_alpha for
+    init_lora_weights: True (A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0), False (both random:
+    the adapter is not an identity at init; for tests), or one of the initialisations that read the base weight and
+    move part of it into the adapter (`init.py`): "pissa", "pissa_niter_<N>", "olora", "loftq" (with `loftq_config`).
+    rank_pattern / alpha_pattern override r / lora_alpha for
     modules whose path matches `(.*\\.)?key$`.
     """
 
@@ -87,6 +107,7 @@ class LoraConfig(_AdapterConfig):
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    loftq_config: LoftQConfig | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
@@ -96,8 +117,23 @@ class LoraConfig(_AdapterConfig):
             raise ValueError(f"r must be positive, got {self.r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if isinstance(self.loftq_config, dict):
+            object.__setattr__(self, "loftq_config", LoftQConfig(**self.loftq_config) if self.loftq_config else None)
+        init = self.init_lora_weights
+        if init not in INIT_CHOICES and not (isinstance(init, str) and _PISSA_NITER.fullmatch(init)):
+            raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa_niter_<N>', got {init!r}")
+        if (init == "loftq") != (self.loftq_config is not None):
+            raise ValueError("init_lora_weights='loftq' and loftq_config=LoftQConfig(...) go together")
+
+    @property
+    def changes_base(self) -> bool:
+        """The initialisation moves part of the base weight into the adapter (PiSSA, OLoRA, LoftQ)."""
+        return isinstance(self.init_lora_weights, str) and self.init_lora_weights != "gaussian"
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        out = super().to_peft_dict()
+        out["loftq_config"] = dataclasses.asdict(self.loftq_config) if self.loftq_config else {}
+        return out
 
     def rank_for(self, module_path: str) -> int:
         return int(_pattern_value(module_path, self.rank_pattern, self.r))
@@ -132,6 +168,9 @@ class VeraConfig(_AdapterConfig):
 
 AdapterConfig = Union[LoraConfig, VeraConfig]
 CONFIG_CLASSES: dict[str, type[_AdapterConfig]] = {"LORA": LoraConfig, "VERA": VeraConfig}
+
+
+_PISSA_NITER = re.compile(r"pissa_niter_[0-9]+")
 
 
 def _pattern_value(module_path: str, pattern: dict[str, Any], default: Any) -> Any:

@@ -24,6 +24,9 @@ class LoRADelta(nn.Module):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(r, in_features))  # [r, in]
         self.lora_B = nn.Parameter(torch.empty(out_features, r))  # [out, r]
+        # the factors at init when they came from the base weight (init.py): ΔW then counts from B₀·A₀, not 0
+        self.register_buffer("init_A", None, persistent=False)  # [r, in]
+        self.register_buffer("init_B", None, persistent=False)  # [out, r]
         self.reset_parameters(init)
 
     @torch.no_grad()

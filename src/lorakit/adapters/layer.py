@@ -186,7 +186,7 @@ class AdaptedLinear(nn.Module):
             if safe_merge and not torch.isfinite(new).all():
                 self.adapters[name].merged_norm = None
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights; the layer is left unchanged")
-            self._write_weight(new)
+            self.write_weight(new)
             self.merged.append(name)
 
     @torch.no_grad()
@@ -194,9 +194,10 @@ class AdaptedLinear(nn.Module):
         """Take merged adapters back out of W, last merged first."""
         while self.merged:
             name = self.merged.pop()
-            self._write_weight(self.adapters[name].unmerged_weight(self.weight))
+            self.write_weight(self.adapters[name].unmerged_weight(self.weight))
 
-    def _write_weight(self, weight: Tensor) -> None:
+    def write_weight(self, weight: Tensor) -> None:
+        """Replace the dense base weight by `weight` [out, in] (in the base's dtype and layout)."""
         base = self.base_layer
         if not isinstance(base, nn.Linear) and not self.fan_in_fan_out:
             raise TypeError(

@@ -17,6 +17,7 @@ from torch import nn
 from .base import base_dims, dense_module, dense_weight, is_weight_provider
 from .config import AdapterConfig, LoraConfig, VeraConfig
 from .deltas import LoRADelta, VeRADelta, VeRAProjections
+from .init import initialize_from_base
 from .layer import Adapter, AdaptedLinear
 from .modules_to_save import ModulesToSave
 from .registry import CONFIGS_ATTR, adapted_layers, adapter_configs, module_device, saved_module_wrappers
@@ -43,10 +44,13 @@ def _make_adapters(config: AdapterConfig, layers: dict[str, AdaptedLinear]) -> d
     for path, layer in layers.items():
         device = module_device(layer.base_layer)
         if isinstance(config, LoraConfig):
-            delta = LoRADelta(layer.in_features, layer.out_features, config.rank_for(path), config.init_lora_weights)
-            adapter = Adapter(delta.to(device), config.scaling_for(path), config.lora_dropout)
+            init = True if config.changes_base else config.init_lora_weights
+            delta = LoRADelta(layer.in_features, layer.out_features, config.rank_for(path), init).to(device)
+            adapter = Adapter(delta, config.scaling_for(path), config.lora_dropout)
+            if config.changes_base:
+                initialize_from_base(layer, delta, config, adapter.scaling)
             if config.use_dora:  # m starts at ‖W + s·ΔW‖ per row; with B = 0 that is ‖W‖, no W·Aᵀ needed
-                zero_delta = config.init_lora_weights is not False
+                zero_delta = config.init_lora_weights in (True, "gaussian")
                 norm = layer.weight_row_norm_sq().sqrt() if zero_delta else adapter.weight_norm(layer)
                 adapter.lora_magnitude_vector = nn.Parameter(norm.clone())
         else:

@@ -6,12 +6,20 @@ A directory holds `adapter_config.json` (PEFT's config fields) and `adapter_mode
 - VeRA `vera_lambda_b` [out], `vera_lambda_d` [r], and once `base_model.vera_A` [r, max_in], `base_model.vera_B`
   [max_out, r] when save_projection is true (otherwise they are regenerated from projection_prng_key);
 - trained biases `<path>.bias` (`<layer>.base_layer.bias` for adapted layers) and modules_to_save `<path>.<param>`.
+Adapters whose initialisation rewrote the base (PiSSA, OLoRA: W = W_res + s·B₀·A₀; LoftQ: NF4(W_res) + s·B₀·A₀ ≈ W)
+come in two forms. The residual form holds the factors as trained and the config names the initialisation: lorakit
+and PEFT load it onto the original base by recomputing the residual (exact for "pissa" and "olora"; PEFT recomputes
+LoftQ only with bitsandbytes on a GPU). The plain-LoRA form has init_lora_weights=True: for PiSSA/OLoRA the LoRA of rank
+2r that gives the same outputs on the original base, ΔW = B·A − B₀·A₀ = [B | −B₀]·[A; A₀] with r and lora_alpha
+doubled (α·√2 under rsLoRA), as PEFT's `path_initial_model_for_weight_conversion` writes it; for LoftQ the adapter
+of its quantized base, which must then be saved too. By default PiSSA/OLoRA are saved plain, LoftQ residual.
 Only JSON and safetensors are read: nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -81,17 +89,54 @@ def _config_for_file(model: nn.Module, config: AdapterConfig, adapter_name: str)
     return data
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default") -> Path:
-    """Write `adapter_name` as a PEFT adapter directory; files are replaced atomically."""
+def _as_plain_lora(
+    model: nn.Module, config: LoraConfig, adapter_name: str, tensors: dict[str, Tensor], data: dict[str, Any]
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The adapter as a plain LoRA (init_lora_weights=True) for the base it was initialised from (module doc)."""
+    data = {**data, "init_lora_weights": True, "loftq_config": {}}
+    if config.init_lora_weights == "loftq":
+        return tensors, data  # its base is the quantized residual: save that base too (lorakit.save_quantized)
+    if config.use_dora:
+        raise ValueError(f"a DoRA adapter initialised with {config.init_lora_weights!r} has no plain-LoRA form for "
+                         "the original base; save it with residual=True")
+    tensors = dict(tensors)
+    for path, layer in adapted_layers(model):
+        if adapter_name in layer.adapters:
+            delta = layer.adapters[adapter_name].delta
+            key = f"{PREFIX}{path}"
+            tensors[f"{key}.lora_A.weight"] = torch.cat([delta.lora_A, delta.init_A], 0).detach()  # [2r, in]
+            tensors[f"{key}.lora_B.weight"] = torch.cat([delta.lora_B, -delta.init_B], 1).detach()  # [out, 2r]
+    alpha_factor = math.sqrt(2) if config.use_rslora else 2  # s = α/r or α/√r stays the same at rank 2r
+    data["r"] = 2 * config.r
+    data["lora_alpha"] = alpha_factor * config.lora_alpha
+    data["rank_pattern"] = {key: 2 * value for key, value in config.rank_pattern.items()}
+    data["alpha_pattern"] = {key: alpha_factor * value for key, value in config.alpha_pattern.items()}
+    return tensors, data
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default", residual: bool | None = None
+) -> Path:
+    """Write `adapter_name` as a PEFT adapter directory; files are replaced atomically.
+
+    `residual` chooses the form of an adapter initialised from the base weight (module doc): None (default) writes
+    PiSSA/OLoRA as the plain LoRA of the original base and LoftQ in its residual form.
+    """
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(configs)}")
     config = configs[adapter_name]
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    tensors = adapter_state_dict(model, adapter_name)
+    data = _config_for_file(model, config, adapter_name)
+    if residual is None:
+        residual = isinstance(config, LoraConfig) and config.init_lora_weights == "loftq"
+    if isinstance(config, LoraConfig) and config.changes_base and not residual:
+        tensors, data = _as_plain_lora(model, config, adapter_name, tensors, data)
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(_config_for_file(model, config, adapter_name), indent=2, sort_keys=True)
+    text = json.dumps(data, indent=2, sort_keys=True)
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     return directory
 

@@ -14,17 +14,24 @@ import torch
 from torch import nn
 
 from ..adapters.base import is_conv1d
+from ..adapters.init import register_quantizer
 from ..adapters.layer import AdaptedLinear
 from ..adapters.targets import candidate_modules, matches, replace_module
 from .nf4 import NF4Linear
 
 
-def _to_nf4(layer: nn.Module, blocksize: int, double_quant: bool, compute_dtype: torch.dtype | None) -> NF4Linear:
+def _to_nf4(layer: nn.Module, blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+            weight: torch.Tensor | None = None) -> NF4Linear:
+    """`layer` (or `weight` [out, in] with `layer`'s bias, as LoftQ asks) as an NF4Linear."""
     conv = is_conv1d(layer)
-    weight = layer.weight.T if conv else layer.weight  # [out, in]
+    if weight is None:
+        weight = layer.weight.T if conv else layer.weight  # [out, in]
     nf4 = NF4Linear.from_weight(weight, layer.bias, blocksize, double_quant, compute_dtype)
     nf4.from_conv1d = conv
     return nf4
+
+
+register_quantizer(4, lambda layer, weight: _to_nf4(layer, weight=weight))  # LoftQ's 4-bit base: quantize()'s defaults
 
 
 def quantize(

@@ -57,7 +57,7 @@ def save_checkpoint(
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_adapter(model, tmp / "adapter", adapter_name)
+    save_adapter(model, tmp / "adapter", adapter_name, residual=True)  # resumed on the same (residual) base
     tensors, optimizer_meta = _optimizer_tensors(optimizer)
     for rank, rng_state in enumerate(rng_states or [torch.get_rng_state()]):
         tensors["rng.torch" + (f".{rank}" if rank else "")] = rng_state

@@ -7,9 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..adapters.config import LoraConfig, VeraConfig
+from ..adapters.config import LoftQConfig, LoraConfig, VeraConfig
 
 METHODS = ("lora", "dora", "vera")
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 DEFAULT_SEQ_LEN = 256
 
 
@@ -34,6 +35,14 @@ class TrainConfig:
     dropout: float = _opt(0.0, "dropout on the adapter input")
     targets: str = _opt("all-linear", "modules to adapt: 'all-linear', comma-separated names, or a regex")
     rslora: bool = _opt(False, "rank-stabilized scaling alpha/sqrt(r)")
+    init: str = _opt("default", "adapter initialisation: default (A kaiming-uniform, B = 0), gaussian, pissa (the "
+                                "base's top-r singular vectors train, the rest stays frozen), olora (QR), loftq (the "
+                                "adapted layers become NF4 with an adapter that makes up their quantization error; "
+                                "needs --quantize nf4); pissa, olora and loftq read the dense base, which is "
+                                "quantized after them with --quantize nf4", choices=INITS)
+    pissa_niter: int | None = _opt(None, "with --init pissa: a randomized SVD with this many subspace iterations "
+                                         "(fast on large layers) instead of the exact one")
+    loftq_iter: int = _opt(1, "with --init loftq: alternating quantize/SVD rounds")
     quantize: str | None = _opt(None, "quantize the frozen base while it loads: 'nf4' (QLoRA, with double "
                                       "quantization)", choices=(None, "nf4"))
     dtype: str = _opt("auto", "dtype of the frozen base's dense tensors and the NF4 compute dtype (adapters train in "
@@ -70,9 +79,24 @@ class TrainConfig:
     def adapter_config(self) -> LoraConfig | VeraConfig:
         targets = self.target_spec()
         if self.method == "vera":
+            if self.init != "default":
+                raise ValueError(f"--init {self.init} initialises LoRA factors; VeRA has none")
             return VeraConfig(r=self.r, target_modules=targets, vera_dropout=self.dropout)
+        if self.init == "loftq" and self.quantize != "nf4":
+            raise ValueError("--init loftq quantizes the adapted layers to NF4: add --quantize nf4")
+        if self.pissa_niter is not None and self.init != "pissa":
+            raise ValueError("--pissa-niter goes with --init pissa")
+        init: bool | str = {"default": True, "pissa": "pissa" if self.pissa_niter is None else
+                            f"pissa_niter_{self.pissa_niter}"}.get(self.init, self.init)
+        loftq = LoftQConfig(loftq_iter=self.loftq_iter) if self.init == "loftq" else None
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
-                          use_rslora=self.rslora, use_dora=self.method == "dora")
+                          use_rslora=self.rslora, use_dora=self.method == "dora", init_lora_weights=init,
+                          loftq_config=loftq)
+
+    @property
+    def init_reads_base(self) -> bool:
+        """The adapter init reads the dense base weights (PiSSA, OLoRA, LoftQ): quantize after adapting."""
+        return self.init in ("pissa", "olora", "loftq")
 
     def target_spec(self) -> str | tuple[str, ...]:
         if self.targets == "all-linear" or not all(c.isalnum() or c in "_,. " for c in self.targets):

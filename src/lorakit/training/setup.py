@@ -20,6 +20,7 @@ from torch import nn
 from ..adapters.loraplus import loraplus_param_groups
 from ..adapters.model import adapt
 from ..models.load import load_model
+from ..quant.quantize import quantize
 from .config import DEFAULT_SEQ_LEN, TrainConfig
 from .batches import BatchStream
 from .data import DataStats, Example, load_jsonl, pack_examples, tokenize_records
@@ -112,12 +113,17 @@ def prepare_run(config: TrainConfig, dist: DistContext) -> PreparedRun:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    adapter_config = config.adapter_config()
+    quantize_late = config.quantize if config.init_reads_base else None  # PiSSA/OLoRA/LoftQ read the dense base
     with dist.main_first():  # one process per node builds a built-in model's cache
-        model, tokenizer = load_model(config.model, config.dtype, dist.load_device(config.fsdp), config.quantize,
+        model, tokenizer = load_model(config.model, config.dtype, dist.load_device(config.fsdp),
+                                      None if quantize_late else config.quantize,
                                       progress=None if dist.is_main else False)
     data = load_datasets(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
     torch.manual_seed(config.seed)  # the same adapter init on every rank and in every run
-    adapt(model, config.adapter_config())
+    adapt(model, adapter_config)
+    if quantize_late:
+        quantize(model)  # the residual bases and the layers without adapters (LoftQ's are NF4 already)
     if dist.active:
         torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
     if config.gradient_checkpointing:
