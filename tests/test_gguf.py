@@ -272,3 +272,19 @@ def test_cli_errors(argv: list[str], message: str, llama_dir: Path, tmp_path: Pa
     assert main(["export", *argv, "--output", str(tmp_path / "out.gguf")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("lorakit: error:") and message in error and error.count("\n") == 1
+
+
+def test_an_nf4_trained_adapter_merges_into_the_dense_base(llama_dir: Path, tmp_path: Path) -> None:
+    """QLoRA trains on NF4 weights, but the merged export adds the update to the float base, never to 4-bit codes."""
+    model, _ = load_model(llama_dir, dtype="float32", quantize="nf4")
+    lorakit.adapt(model, ADAPTERS["lora"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.2)
+    adapter = lorakit.save_adapter(model, tmp_path / "adapter")
+    _, tensors = _read(lorakit.export_gguf(adapter, tmp_path / "model.gguf", merged=True, outtype="f32"))
+    dense, _ = load_model(llama_dir, dtype="float32")
+    expected = dense.state_dict()["model.layers.0.mlp.down_proj.weight"].double() + _oracle_deltas(adapter)[
+        "model.layers.0.mlp.down_proj"]
+    np.testing.assert_allclose(tensors["blk.0.ffn_down.weight"], expected.numpy(), rtol=0, atol=1e-6)

@@ -137,3 +137,13 @@ def test_tiny_models_in_llama_cpp_match_lorakit(method: str, tiny: tuple[Path, P
         for ours, theirs, before in zip(tuned, _llama_cpp_logits(model_file, IDS, lora, exact_cache=True), plain):
             assert np.abs(ours - before).max() > 0.1, "the adapter must change the logits for this test to mean much"
             np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0, err_msg=kind)
+
+
+@pytest.mark.parametrize("outtype, tolerance", [("f16", 2e-3), ("bf16", 1e-2), ("q8_0", 3e-2)])
+def test_every_outtype_loads_and_computes_the_model(outtype: str, tolerance: float, tiny: tuple[Path, Path]) -> None:
+    directory, _ = tiny
+    model, _ = load_model(directory, dtype="float32")
+    path = lorakit.export_gguf(None, directory.parent / f"{outtype}.gguf", model=str(directory), merged=True,
+                               outtype=outtype)
+    for ours, theirs in zip(_torch_logits(model, IDS), _llama_cpp_logits(path, IDS, exact_cache=True)):
+        np.testing.assert_allclose(theirs, ours, atol=tolerance, rtol=0)
