@@ -25,7 +25,7 @@ _PEFT_INERT_KEYS = {
     "alora_invocation_tokens", "arrow_config", "auto_mapping", "corda_config", "ensure_weight_tying", "eva_config",
     "inference_mode", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
     "lora_bias", "lora_ga_config", "megatron_config", "megatron_core", "monteclora_config", "peft_version",
-    "qalora_group_size", "revision", "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
+    "qalora_group_size", "revision", "trainable_token_indices", "use_bdlora", "use_qalora",
     "velora_config", "init_weights", "runtime_config",
 }
 
@@ -60,7 +60,7 @@ class _AdapterConfig:
             object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.target_modules is None:
+        if self.target_modules is None and not getattr(self, "target_parameters", None):
             raise ValueError("target_modules is required: a regex, a list of module names, or 'all-linear'")
 
     def replace(self, **changes: Any) -> "_AdapterConfig":
@@ -97,7 +97,8 @@ class LoraConfig(_AdapterConfig):
     the adapter is not an identity at init; for tests), or one of the initialisations that read the base weight and
     move part of it into the adapter (`init.py`): "pissa", "pissa_niter_<N>", "olora", "loftq" (with `loftq_config`).
     rank_pattern / alpha_pattern override r / lora_alpha for
-    modules whose path matches `(.*\\.)?key$`.
+    modules whose path matches `(.*\\.)?key$`. target_parameters: parameters (e.g. fused MoE experts) adapted in place,
+    `parameters.py`.
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -108,6 +109,7 @@ class LoraConfig(_AdapterConfig):
     use_dora: bool = False
     init_lora_weights: bool | str = True
     loftq_config: LoftQConfig | None = None
+    target_parameters: tuple[str, ...] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
@@ -117,6 +119,11 @@ class LoraConfig(_AdapterConfig):
             raise ValueError(f"r must be positive, got {self.r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.target_parameters is not None:
+            object.__setattr__(self, "target_parameters", tuple(self.target_parameters))
+            if self.lora_dropout or self.use_dora or self.changes_base:
+                raise ValueError("target_parameters: LoRA on a parameter acts through the weight, so lora_dropout, "
+                                 "use_dora and initialisations that rewrite the base do not apply")
         if isinstance(self.loftq_config, dict):
             object.__setattr__(self, "loftq_config", LoftQConfig(**self.loftq_config) if self.loftq_config else None)
         init = self.init_lora_weights

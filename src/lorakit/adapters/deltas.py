@@ -1,6 +1,8 @@
 """Low-rank weight updates ΔW = up · down, independent of the base layer they sit on.
 
 - LoRA (Hu et al. 2021, §4.1): ΔW = B·A, A [r, in] kaiming-uniform (or N(0, 1/r)), B [out, r] zeros, so ΔW = 0 at init.
+- Stacked LoRA (PEFT's `target_parameters`, e.g. the fused experts of a mixture-of-experts layer): one LoRA per matrix
+  of a stack [E, out, in], ΔW_e = B_e·A_e, held in two tensors in PEFT's layout.
 - VeRA (Kopiczko et al. 2024, §3.1): ΔW = diag(λ_b)·B_s·diag(λ_d)·A_s with A_s [r, in] and B_s [out, r] frozen random
   projections shared by every layer (sliced from one pair sized to the largest layer), λ_b = 0 and λ_d = d_initial.
 
@@ -31,7 +33,7 @@ class LoRADelta(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, init: bool | str = True) -> None:
-        r = self.lora_A.shape[0]
+        r = self.r
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / r)
         else:
@@ -54,6 +56,25 @@ class LoRADelta(nn.Module):
 
     def delta_weight(self) -> Tensor:
         return self.lora_B @ self.lora_A  # [out, in]
+
+
+class StackedLoRADelta(LoRADelta):
+    """ΔW_e = B_e·A_e for each matrix e of a stack of E (E = 1: a plain 2-D parameter), PEFT's layout:
+    lora_A [E·r, in] holds A_e in rows e·r … e·r + r − 1; lora_B [out, r·E] holds column k of B_e in column k·E + e.
+    It acts through the weight (`adapters/parameters.py`), so only `delta_weight` is used."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, r: int, init: bool | str = True) -> None:
+        self.num_experts = num_experts
+        super().__init__(in_features, out_features, r * num_experts, init)
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0] // self.num_experts
+
+    def delta_weight(self) -> Tensor:
+        a = self.lora_A.reshape(self.num_experts, self.r, -1)  # [E, r, in]
+        b = self.lora_B.reshape(self.lora_B.shape[0], self.r, self.num_experts).permute(2, 0, 1)  # [E, out, r]
+        return b @ a  # [E, out, in]
 
 
 def kaiming_uniform_like_peft(shape: tuple[int, int], generator: torch.Generator) -> Tensor:

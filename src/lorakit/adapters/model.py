@@ -20,6 +20,7 @@ from .deltas import LoRADelta, VeRADelta, VeRAProjections
 from .init import initialize_from_base
 from .layer import Adapter, AdaptedLinear
 from .modules_to_save import ModulesToSave
+from .parameters import AdaptedParameter, adapt_parameters, adapted_parameters
 from .registry import CONFIGS_ATTR, adapted_layers, adapter_configs, module_device, saved_module_wrappers
 from .routing import accept_adapter_names, mixed_batch, refuse_adapter_names
 from .targets import find_targets, matches, replace_module
@@ -70,10 +71,14 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it or choose another name")
     if not adapter_name or "." in adapter_name or adapter_name == "__base__" or hasattr(nn.ModuleDict, adapter_name):
         raise ValueError(f"invalid adapter name {adapter_name!r}")
-    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    parameters = getattr(config, "target_parameters", None)
+    targets = find_targets(model, config.target_modules, config.exclude_modules) \
+        if config.target_modules or not parameters else []
     layers = {path: _wrap(model, path) for path in targets}
     for path, adapter in _make_adapters(config, layers).items():
         layers[path].add_adapter(adapter_name, adapter)
+    if parameters:
+        adapt_parameters(model, config, adapter_name)
     for path in _modules_to_save_paths(model, config):
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
@@ -86,6 +91,11 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     set_adapter(model, adapter_name)
     accept_adapter_names(model)
     return model
+
+
+def _holders(model: nn.Module) -> list[AdaptedLinear | AdaptedParameter]:
+    """Everything that holds adapters: wrapped layers and parametrized parameters."""
+    return [layer for _, layer in adapted_layers(model)] + [param for _, param in adapted_parameters(model)]
 
 
 def _modules_to_save_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -109,7 +119,7 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     unknown = [n for n in names if n not in configs]
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(configs)}")
-    for _, layer in adapted_layers(model):
+    for layer in _holders(model):
         layer.active = [n for n in names if n in layer.adapters]
     with_copies = [n for n in names if configs[n].modules_to_save]
     if len(with_copies) > 1:
@@ -134,6 +144,9 @@ def _set_trainable(model: nn.Module, names: list[str]) -> None:
             layer.adapters[name].requires_grad_(True)
         if "lora_only" in bias_modes and layer.active and layer.bias is not None:
             layer.bias.requires_grad_(True)
+    for _, param in adapted_parameters(model):
+        for name in param.active:
+            param.adapters[name].requires_grad_(True)
     for _, wrapper in saved_module_wrappers(model):
         if wrapper.active is not None:
             wrapper.copies[wrapper.active].requires_grad_(True)
@@ -144,13 +157,17 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     configs = adapter_configs(model)
     if name not in configs:
         raise ValueError(f"unknown adapter {name!r}; this model has {sorted(configs)}")
-    for path, layer in list(adapted_layers(model)):
+    for path, layer in [*adapted_layers(model), *adapted_parameters(model)]:
         if name in layer.merged:
             raise ValueError(f"adapter {name!r} is merged into {path}; unmerge() first")
         if name in layer.adapters:
             del layer.adapters[name]
             layer.active = [n for n in layer.active if n != name]
-        if not layer.adapters:
+        if layer.adapters:
+            continue
+        if isinstance(layer, AdaptedParameter):
+            layer.remove()
+        else:
             replace_module(model, path, layer.base_layer)
     for path, wrapper in list(saved_module_wrappers(model)):
         if name in wrapper.copies:
@@ -161,7 +178,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del configs[name]
     if not configs:
         refuse_adapter_names(model)
-    remaining = [n for n in configs if any(n in layer.active for _, layer in adapted_layers(model))]
+    remaining = [n for n in configs if any(n in layer.active for layer in _holders(model))]
     _set_trainable(model, remaining)
 
 
@@ -170,9 +187,9 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
 
     With safe_merge, a merge that would write a non-finite weight is undone everywhere and raises.
     """
-    done: list[AdaptedLinear] = []
+    done: list[AdaptedLinear | AdaptedParameter] = []
     try:
-        for _, layer in adapted_layers(model):
+        for layer in _holders(model):
             layer.merge([n for n in adapter_names if n in layer.adapters] if adapter_names else None, safe_merge)
             done.append(layer)
     except ValueError:
@@ -183,14 +200,14 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
 
 def unmerge(model: nn.Module) -> None:
     """Take every merged adapter back out of the base weights."""
-    for _, layer in adapted_layers(model):
+    for layer in _holders(model):
         layer.unmerge()
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (merged adapters are unmerged for it and merged back after)."""
-    layers = [layer for _, layer in adapted_layers(model)]
+    layers = _holders(model)
     wrappers = [wrapper for _, wrapper in saved_module_wrappers(model)]
     merged = {id(layer): list(layer.merged) for layer in layers}
     for layer in layers:
@@ -225,6 +242,9 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             else:
                 layer.merge()
                 replace_module(model, path, layer.base_layer)
+        for _, param in list(adapted_parameters(model)):
+            param.merge()
+            param.remove()
         for path, module in list(model.named_modules()):
             if path and is_weight_provider(module):
                 replace_module(model, path, dense_module(module, module.dense_weight(torch.float32), dtype or torch.float32))
@@ -243,6 +263,9 @@ def unload(model: nn.Module) -> nn.Module:
     for path, layer in list(adapted_layers(model)):
         layer.unmerge()
         replace_module(model, path, layer.base_layer)
+    for _, param in list(adapted_parameters(model)):
+        param.unmerge()
+        param.remove()
     for path, wrapper in list(saved_module_wrappers(model)):
         replace_module(model, path, wrapper.original_module)
     model.__dict__.pop(CONFIGS_ATTR, None)

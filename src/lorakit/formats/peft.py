@@ -3,6 +3,7 @@
 A directory holds `adapter_config.json` (PEFT's config fields) and `adapter_model.safetensors` with keys
 `base_model.model.<module path>.<tensor>`:
 - LoRA `lora_A.weight` [r, in], `lora_B.weight` [out, r] (Linear layout, also for Conv1D); DoRA `lora_magnitude_vector` [out];
+  on a parameter (`target_parameters`) `<module>[.base_layer…].lora_A.weight` [E·r, in], `lora_B.weight` [out, r·E];
 - VeRA `vera_lambda_b` [out], `vera_lambda_d` [r], and once `base_model.vera_A` [r, max_in], `base_model.vera_B`
   [max_out, r] when save_projection is true (otherwise they are regenerated from projection_prng_key);
 - trained biases `<path>.bias` (`<layer>.base_layer.bias` for adapted layers) and modules_to_save `<path>.<param>`.
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from ..adapters.config import AdapterConfig, LoraConfig, VeraConfig, config_from_peft_dict
 from ..adapters.deltas import VeRADelta
 from ..adapters.model import adapt, delete_adapter
+from ..adapters.parameters import adapted_parameters
 from ..adapters.registry import adapted_layers, adapter_configs, saved_module_wrappers
 from ..adapters.targets import ALL_LINEAR, compact_target_list
 from .files import atomic_write, read_json_object
@@ -62,6 +64,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             out[f"{PREFIX}{path}.lora_magnitude_vector"] = adapter.lora_magnitude_vector
         if config.bias == "lora_only" and layer.bias is not None:
             out[f"{PREFIX}{path}.base_layer.bias"] = layer.bias
+    for path, param in adapted_parameters(model):  # target_parameters: keys of PEFT's nested wrappers
+        if adapter_name in param.adapters:
+            owner = path.rpartition(".")[0] + ".base_layer" * param.nesting
+            out[f"{PREFIX}{owner}.lora_A.weight"] = param.adapters[adapter_name].delta.lora_A
+            out[f"{PREFIX}{owner}.lora_B.weight"] = param.adapters[adapter_name].delta.lora_B
     if isinstance(config, VeraConfig) and config.save_projection and projections is not None:
         out["base_model.vera_A"] = projections.vera_A
         out["base_model.vera_B"] = projections.vera_B
@@ -79,6 +86,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 def _config_for_file(model: nn.Module, config: AdapterConfig, adapter_name: str) -> dict[str, Any]:
     data = config.to_peft_dict()
+    if config.target_modules is None:  # target_parameters alone
+        data["target_modules"] = []
     if config.target_modules == ALL_LINEAR:  # PEFT writes the expanded module list
         targets = [path for path, layer in adapted_layers(model) if adapter_name in layer.adapters]
         data["target_modules"] = compact_target_list(model, targets)

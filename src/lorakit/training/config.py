@@ -34,6 +34,9 @@ class TrainConfig:
     alpha: float = _opt(16.0, "lora_alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)")
     dropout: float = _opt(0.0, "dropout on the adapter input")
     targets: str = _opt("all-linear", "modules to adapt: 'all-linear', comma-separated names, or a regex")
+    target_parameters: str | None = _opt(None, "also adapt these parameters in place (comma-separated names or "
+                                               "suffixes), e.g. fused MoE experts: "
+                                               "mlp.experts.gate_up_proj,mlp.experts.down_proj")
     rslora: bool = _opt(False, "rank-stabilized scaling alpha/sqrt(r)")
     init: str = _opt("default", "adapter initialisation: default (A kaiming-uniform, B = 0), gaussian, pissa (the "
                                 "base's top-r singular vectors train, the rest stays frozen), olora (QR), loftq (the "
@@ -78,9 +81,13 @@ class TrainConfig:
 
     def adapter_config(self) -> LoraConfig | VeraConfig:
         targets = self.target_spec()
+        parameters = tuple(p.strip() for p in self.target_parameters.split(",") if p.strip()) \
+            if self.target_parameters else None
         if self.method == "vera":
             if self.init != "default":
                 raise ValueError(f"--init {self.init} initialises LoRA factors; VeRA has none")
+            if parameters:
+                raise ValueError("--target-parameters takes LoRA; VeRA adapts linear layers only")
             return VeraConfig(r=self.r, target_modules=targets, vera_dropout=self.dropout)
         if self.init == "loftq" and self.quantize != "nf4":
             raise ValueError("--init loftq quantizes the adapted layers to NF4: add --quantize nf4")
@@ -91,7 +98,7 @@ class TrainConfig:
         loftq = LoftQConfig(loftq_iter=self.loftq_iter) if self.init == "loftq" else None
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
                           use_rslora=self.rslora, use_dora=self.method == "dora", init_lora_weights=init,
-                          loftq_config=loftq)
+                          loftq_config=loftq, target_parameters=parameters)
 
     @property
     def init_reads_base(self) -> bool:
