@@ -13,6 +13,8 @@ import lorakit
 from lorakit.adapters.config import AdapterConfig
 from lorakit.models import TINY_CHAT_TEMPLATE, TINY_SPECIAL_TOKENS, byte_tokenizer, load_model
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # all three regimes at head_dim 16
 ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
 
@@ -30,14 +32,16 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_model_dir(path: Path, kind: str = "llama", tied: bool = False, seed: int = 0) -> Path:
-    """A random-init model of `kind` (hidden 64, 4 heads, 2 KV heads, 2 layers) saved with its tokenizer."""
+def tiny_model_dir(path: Path, kind: str = "llama", tied: bool = False, seed: int = 0,
+                   rope: dict[str, object] | None = None) -> Path:
+    """A random-init model of `kind` (hidden 64, 4 heads, 2 KV heads, 2 layers) saved with its tokenizer; `rope`:
+    rope parameters (transformers' `rope_parameters`)."""
     config_class, model_class = ARCHITECTURES[kind]
     tokenizer = bpe_tokenizer()
     config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          tie_word_embeddings=tied, rms_norm_eps=1e-6)
+                          tie_word_embeddings=tied, rms_norm_eps=1e-6, **({"rope_parameters": rope} if rope else {}))
     torch.manual_seed(seed)
     model = model_class(config)
     with torch.no_grad():  # norms away from 1, so that a mix-up of norm tensors shows

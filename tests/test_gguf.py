@@ -7,24 +7,26 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_models import bpe_tokenizer, random_adapter, tiny_model_dir
+from gguf_models import LLAMA3_ROPE, bpe_tokenizer, random_adapter, tiny_model_dir
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 import lorakit
-from lorakit.cli import main
+from lorakit.cli import build_parser, main
 from lorakit.formats.gguf import TensorNames, encode, rope_interleave
 from lorakit.formats.gguf_vocab import pre_tokenizer_name
 from lorakit.models import load_model
 
 PREFIX = "base_model.model."
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +290,33 @@ def test_an_nf4_trained_adapter_merges_into_the_dense_base(llama_dir: Path, tmp_
     expected = dense.state_dict()["model.layers.0.mlp.down_proj.weight"].double() + _oracle_deltas(adapter)[
         "model.layers.0.mlp.down_proj"]
     np.testing.assert_allclose(tensors["blk.0.ffn_down.weight"], expected.numpy(), rtol=0, atol=1e-6)
+
+
+def test_the_readme_export_lines_parse() -> None:
+    lines = [shlex.split(line.split("#")[0]) for line in README.read_text().splitlines()
+             if line.strip().startswith("lorakit export ")]
+    assert len(lines) >= 3
+    for argv in lines:
+        args = build_parser().parse_args(argv[1:])
+        assert args.command == "export" and args.output.endswith(".gguf")
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_divisors(tmp_path: Path) -> None:
+    """Meta's Llama 3.1 rule written out: wavelengths beyond old_len / low_freq_factor are slowed by `factor`, those
+    under old_len / high_freq_factor kept, those between blended."""
+    directory = tiny_model_dir(tmp_path / "model", "llama", rope=LLAMA3_ROPE)
+    _, tensors = _read(lorakit.export_gguf(None, tmp_path / "m.gguf", model=str(directory), merged=True))
+    theta, factor, low, high, old = (LLAMA3_ROPE[k] for k in ("rope_theta", "factor", "low_freq_factor",
+                                                               "high_freq_factor", "original_max_position_embeddings"))
+    expected = []
+    for i in range(8):  # head_dim 16
+        wavelength = 2 * math.pi * theta ** (2 * i / 16)
+        if wavelength < old / high:
+            expected.append(1.0)
+        elif wavelength > old / low:
+            expected.append(factor)
+        else:
+            smooth = (old / wavelength - low) / (high - low)
+            expected.append(1 / ((1 - smooth) / factor + smooth))
+    assert 1.0 in expected and factor in expected and any(1 < e < factor for e in expected)
+    np.testing.assert_allclose(tensors["rope_freqs.weight"], expected, rtol=1e-5)

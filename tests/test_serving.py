@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf_models import random_adapter, tiny_model_dir
+from gguf_models import LLAMA3_ROPE, random_adapter, tiny_model_dir
 
 import lorakit
 from lorakit.models import load_model, smollm2_gguf_path
@@ -147,3 +147,14 @@ def test_every_outtype_loads_and_computes_the_model(outtype: str, tolerance: flo
                                outtype=outtype)
     for ours, theirs in zip(_torch_logits(model, IDS), _llama_cpp_logits(path, IDS, exact_cache=True)):
         np.testing.assert_allclose(theirs, ours, atol=tolerance, rtol=0)
+
+
+def test_llama3_rope_scaling_in_llama_cpp(tmp_path: Path) -> None:
+    scaled = tiny_model_dir(tmp_path / "llama3", "llama", rope=LLAMA3_ROPE)
+    plain = tiny_model_dir(tmp_path / "plain", "llama", rope={"rope_type": "default", "rope_theta": 100.0})
+    path = lorakit.export_gguf(None, tmp_path / "llama3.gguf", model=str(scaled), merged=True, outtype="f32")
+    ours = _torch_logits(load_model(scaled, dtype="float32")[0], IDS)
+    unscaled = _torch_logits(load_model(plain, dtype="float32")[0], IDS)
+    for mine, theirs, without in zip(ours, _llama_cpp_logits(path, IDS, exact_cache=True), unscaled):
+        assert np.abs(mine - without).max() > 1e-3, "the scaling must change the logits for this test to mean much"
+        np.testing.assert_allclose(theirs, mine, atol=1e-4, rtol=0)

@@ -14,10 +14,14 @@ Scale. llama.cpp adds c_t·B·A with c_t = α_file / r_t, r_t the rank of that t
 when α_file = 0; one α_file per file. lorakit's scale s_t (α/r, α/√r with rsLoRA, per-module rank_pattern and
 alpha_pattern; 1 for VeRA) is folded into B:  B' = (s_t / c_t)·B,  so c_t·B'·A = s_t·B·A. For plain LoRA,
 α_file = lora_alpha makes s_t / c_t = 1 and B is written bit for bit.
+
+Rope scaling. Linear scaling is two keys; Llama 3.1's "llama3" scaling is the tensor `rope_freqs.weight` of
+per-frequency divisors f_i / f'_i, which llama.cpp applies to each rotary frequency f_i.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ import gguf
 import numpy as np
 import torch
 from torch import Tensor
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .files import atomic_write
 
@@ -195,7 +200,7 @@ def write_model(path: str | os.PathLike[str], config: Any, state: Iterable[tuple
     tied = getattr(config, "tie_word_embeddings", False)
     tensors = ((names.gguf_name(key), names.in_gguf_order(key, value)) for key, value in state
                if not (tied and key == "lm_head.weight"))
-    return _write(path, writer, tensors, outtype)
+    return _write(path, writer, itertools.chain(rope_tensors(config), tensors), outtype)
 
 
 def add_hyperparameters(writer: gguf.GGUFWriter, config: Any) -> None:
@@ -214,13 +219,41 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: Any) -> None:
     if head_dim != config.hidden_size // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    _add_rope_keys(writer, config)
+
+
+def rope_tensors(config: Any) -> list[tuple[str, Tensor]]:
+    """Rope scaling as llama.cpp reads it: keys for linear scaling (added by `add_hyperparameters`), and for Llama 3.1's
+    "llama3" scaling the tensor `rope_freqs.weight` [head_dim / 2] of divisors f_i / f'_i, where f'_i are the
+    frequencies transformers' own llama3 rule gives (low frequencies divided by `factor`, high ones kept, a smooth
+    blend between)."""
+    rope = _rope_parameters(config)
+    if rope.get("rope_type", rope.get("type", "default")) != "llama3":
+        return []
+    if architecture(config).arch != gguf.MODEL_ARCH.LLAMA:
+        raise NotImplementedError("GGUF export: llama3 rope scaling is supported for Llama-family models only")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    plain = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [d/2]
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)  # [d/2]
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    return [(name, (plain / scaled.double()).float())]
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """Rope settings under transformers 5 (`rope_parameters`) or earlier (`rope_theta`, `rope_scaling`)."""
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is not None:
-        writer.add_rope_freq_base(float(theta))
+    if "rope_theta" not in rope and getattr(config, "rope_theta", None) is not None:
+        rope["rope_theta"] = config.rope_theta
+    return rope
+
+
+def _add_rope_keys(writer: gguf.GGUFWriter, config: Any) -> None:
+    rope = _rope_parameters(config)
+    if "rope_theta" in rope:
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
-    elif kind != "default":
-        raise NotImplementedError(f"GGUF export: rope scaling {kind!r} is not supported (only none or 'linear')")
+    elif kind not in ("default", "llama3"):
+        raise NotImplementedError(f"GGUF export: rope scaling {kind!r} is not supported (none, linear or llama3)")
