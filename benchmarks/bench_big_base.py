@@ -202,16 +202,12 @@ def shape_params(shape: str) -> int:
 
 
 def prepare_model(shape: str, workdir: Path) -> Path:
-    """The checkpoint (written unless already complete) with lorakit's byte tokenizer saved next to it."""
+    """The checkpoint (written unless already complete, with lorakit's byte tokenizer)."""
     directory = workdir / shape
     start = time.perf_counter()
     write_model(shape, directory)
     if time.perf_counter() - start > 1:
         print(f"wrote {shape} to {directory} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    if not (directory / "tokenizer.json").is_file():
-        from lorakit.models import byte_tokenizer
-
-        byte_tokenizer().save_pretrained(directory)
     return directory
 
 

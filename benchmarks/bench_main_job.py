@@ -101,13 +101,13 @@ def write_chat_data(directory: Path, n_eval: int) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def train_options(model: str, steps: int, n_eval: int, dataset: str, data_dir: Path,
-                  output_dir: Path) -> dict[str, Any]:
+def train_options(model: str, steps: int, n_eval: int, dataset: str, data_dir: Path, output_dir: Path,
+                  dtype: str) -> dict[str, Any]:
     """The `TrainConfig` fields of every run (the CLI flags are derived from them)."""
     options: dict[str, Any] = {
         "model": model, "max_steps": steps, "batch_size": BATCH, "r": RANK, "alpha": float(ALPHA), "dropout": 0.0,
         "targets": "all-linear", "lr": LR, "warmup_steps": WARMUP, "max_grad_norm": MAX_GRAD_NORM, "seed": SEED,
-        "eval_samples": n_eval, "save_every": 0, "log_every": 1, "threads": THREADS, "dtype": "float32",
+        "eval_samples": n_eval, "save_every": 0, "log_every": 1, "threads": THREADS, "dtype": dtype,
         "output_dir": str(output_dir),
     }
     if dataset == "builtin":
@@ -185,7 +185,7 @@ def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
 
     config = TrainConfig(**options)
     directory = resolve_model(config.model)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, config.dtype))
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
     data = load_datasets(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
     torch.manual_seed(SEED)
@@ -238,7 +238,7 @@ def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
 
 
 def run_worker(ns: argparse.Namespace) -> None:
-    options = train_options(ns.model, ns.steps, ns.eval_samples, ns.dataset, ns.data_dir, ns.output_dir)
+    options = train_options(ns.model, ns.steps, ns.eval_samples, ns.dataset, ns.data_dir, ns.output_dir, ns.dtype)
     result = (lorakit_worker if ns.worker == "lorakit" else peer_worker)(ns, options)
     ns.result.write_text(json.dumps(result) + "\n")
 
@@ -268,10 +268,10 @@ def run_one(runner: str, dataset: str, args: argparse.Namespace, work: Path) -> 
     result_file = work / f"{dataset}-{runner}.json"
     if runner == "cli":
         command = [sys.executable, *cli_args(train_options(args.model, args.steps, args.eval_samples, dataset, work,
-                                                           out))]
+                                                           out, args.dtype))]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", runner, "--dataset", dataset,
-                   "--model", args.model, "--steps", str(args.steps), "--eval-samples", str(args.eval_samples), "--data-dir", str(work), "--output-dir",
+                   "--model", args.model, "--steps", str(args.steps), "--eval-samples", str(args.eval_samples), "--dtype", args.dtype, "--data-dir", str(work), "--output-dir",
                    str(out), "--result", str(result_file)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     print(f"[{dataset}] {runner}: {shlex.join(['python', *command[1:]])}", file=sys.stderr, flush=True)
@@ -340,7 +340,7 @@ def dataset_section(dataset: str, rows: dict[str, dict[str, Any]]) -> str:
 
 
 def describe(args: argparse.Namespace) -> str:
-    return (f"`{args.model}`, float32, LoRA r={RANK} alpha={ALPHA} dropout 0 on all linear layers but lm_head, batch "
+    return (f"`{args.model}`, frozen base in {args.dtype} (adapters float32 on both sides), LoRA r={RANK} alpha={ALPHA} dropout 0 on all linear layers but lm_head, batch "
             f"{BATCH}, AdamW lr {LR:g} (weight decay 0), {WARMUP} warm-up steps then cosine to 0 over {args.steps} "
             f"steps, max_grad_norm {MAX_GRAD_NORM}, seed {SEED}, {THREADS} threads; {N_TRAIN} training / "
             f"{args.eval_samples} held-out examples, exact match by greedy decoding (`evaluate_exact_match`) on the same held-out "
@@ -360,6 +360,8 @@ def main() -> None:
     parser.add_argument("--model", help="base model (default: smollm2-135m; --quick: tiny-llama)")
     parser.add_argument("--steps", type=int, help="optimizer steps (default: 60; --quick: 4)")
     parser.add_argument("--eval-samples", type=int, help="held-out examples scored (default: 100; --quick: 16)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the frozen base's dtype on both sides (bfloat16 pays on CPUs with AVX512-BF16 or AMX)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of builtin,chat")
     parser.add_argument("--quick", action="store_true", help="tiny-llama, 4 steps, 16 held-out examples: checks that everything runs")
     parser.add_argument("--worker", choices=("lorakit", "peer"), help=argparse.SUPPRESS)
@@ -398,10 +400,10 @@ def main() -> None:
             sections.append(dataset_section(dataset, rows))
     sections.append("Exact commands: `python -m lorakit train --model M --max-steps N --batch-size 8 --rank 8 "
                     "--alpha 16 --dropout 0 --targets all-linear --lr 0.001 --warmup-steps 10 --max-grad-norm 1 "
-                    "--seed 0 --eval-samples E --save-every 0 --log-every 1 --threads 2 --dtype float32 "
-                    "--output-dir OUT` (E = --eval-samples) plus `--builtin-train-size 800` (built-in task) or `--data train.jsonl "
+                    "--seed 0 --eval-samples E --save-every 0 --log-every 1 --threads 2 --dtype D "
+                    "--output-dir OUT` (E = --eval-samples, D = --dtype) plus `--builtin-train-size 800` (built-in task) or `--data train.jsonl "
                     "--eval-data eval.jsonl --chat` (chat); the workers are this script's hidden `--worker` modes.")
-    emit(args, f"Main job vs PEFT + transformers.Trainer: {args.model}", "\n\n".join(sections))
+    emit(args, f"Main job vs PEFT + transformers.Trainer: {args.model}, {args.dtype} base", "\n\n".join(sections))
     sys.exit(1 if failed else 0)
 
 

@@ -250,6 +250,7 @@ def write_model(shape_name: str, directory: Path, seed: int = 0, shard_bytes: in
     directory = Path(directory)
     shard_bytes = resolve_shard_bytes(shape_name, shard_bytes)
     if model_is_complete(shape_name, directory, seed, shard_bytes):
+        save_tokenizer(directory)
         return directory
     config = llama_config(SHAPES[shape_name])
     check_against_transformers(config, tensor_specs(SHAPES[shape_name]))
@@ -264,7 +265,16 @@ def write_model(shape_name: str, directory: Path, seed: int = 0, shard_bytes: in
         write_index(directory, shards, names)
     marker = expected_marker(shape_name, seed, shard_bytes)
     (directory / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    save_tokenizer(directory)
     return directory
+
+
+def save_tokenizer(directory: Path) -> None:
+    """lorakit's byte tokenizer (ids 0-258, within every shape's vocabulary), so the directory is a whole model."""
+    if not (directory / "tokenizer.json").is_file():
+        from lorakit.models import byte_tokenizer
+
+        byte_tokenizer().save_pretrained(directory)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -284,6 +294,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if model_is_complete(args.shape, args.directory, args.seed, args.shard_bytes):
+        save_tokenizer(args.directory)
         print(f"{args.directory}: {args.shape} already complete")
         return
     start = time.perf_counter()

@@ -52,6 +52,10 @@ PARTS = (
     Part("main_job", "bench_main_job.py",
          ("--model", "smollm2-135m", "--steps", "60", "--eval-samples", "100", "--datasets", "builtin,chat"),
          ("--quick",)),
+    Part("main_job_bf16", "bench_main_job.py",
+         ("--model", "smollm2-135m", "--steps", "60", "--eval-samples", "100", "--datasets", "builtin,chat",
+          "--dtype", "bfloat16"),
+         ("--quick", "--dtype", "bfloat16")),
 )
 PEERS = ("torch", "transformers", "peft", "bitsandbytes", "torchao")
 

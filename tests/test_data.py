@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 from pathlib import Path
 
@@ -201,6 +202,47 @@ def test_sharded_streams_split_the_global_batch() -> None:
         shards = [first_ids([next(stream)])[0] for stream in ranks]
         assert flat(shards) == first_ids([next(single)])[0]
         assert len(set(flat(shards))) == 6
+
+
+def varied_examples(n: int, seed: int = 0) -> list[Example]:
+    """Example i has id i first and a random length in 1..40."""
+    rng = random.Random(seed)
+    return [{"input_ids": [i] * rng.randint(1, 40), "labels": [i]} for i in range(n)]
+
+
+def padding(batches: list[list[Example]]) -> int:
+    return sum(max(len(e["input_ids"]) for e in batch) * len(batch) - sum(len(e["input_ids"]) for e in batch)
+               for batch in batches)
+
+
+def test_length_grouped_stream_covers_each_epoch_once_with_little_padding() -> None:
+    examples = varied_examples(1003)  # 125 batches of 8 per epoch, 3 examples dropped, 3 groups of 50 batches
+    grouped = BatchStream(examples, 8, seed=5, group_by_length=True)
+    plain = BatchStream(examples, 8, seed=5)
+    for _ in range(2):  # two epochs, each a different order
+        batches = [next(grouped) for _ in range(grouped.steps_per_epoch)]
+        seen = flat(first_ids(batches))
+        assert len(seen) == len(set(seen)) == 1000
+        plain_batches = [next(plain) for _ in range(plain.steps_per_epoch)]
+        assert padding(batches) * 5 < padding(plain_batches)
+        lengths = [len(batch[0]["input_ids"]) for batch in batches]
+        assert lengths != sorted(lengths, reverse=True)  # the batch order is shuffled, not one long sort
+
+
+def test_length_grouped_stream_resumes_and_shards_exactly() -> None:
+    examples = varied_examples(500, seed=1)
+    stream = BatchStream(examples, 6, seed=2, group_by_length=True)
+    for _ in range(90):  # into the second epoch (83 batches per epoch)
+        next(stream)
+    state = json.loads(json.dumps(stream.state_dict()))
+    expected = first_ids([next(stream) for _ in range(10)])
+    resumed = BatchStream(examples, 6, seed=0)  # grouping comes back from the state
+    resumed.load_state_dict(state)
+    assert first_ids([next(resumed) for _ in range(10)]) == expected
+    single = BatchStream(examples, 6, seed=1, group_by_length=True)
+    ranks = [BatchStream(examples, 2, seed=1, rank=r, world_size=3, group_by_length=True) for r in range(3)]
+    for _ in range(100):
+        assert flat([first_ids([next(s)])[0] for s in ranks]) == first_ids([next(single)])[0]
 
 
 def test_stream_argument_errors() -> None:

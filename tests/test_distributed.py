@@ -73,7 +73,7 @@ def _write_data(directory: Path) -> tuple[Path, Path]:
 def _args(data: tuple[Path, Path], out: Path, batch_size: int, *extra: str) -> list[str]:
     return ["train", "--model", "tiny-llama", "--data", str(data[0]), "--eval-data", str(data[1]),
             "--eval-samples", "2", "--seq-len", "64", "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1",
-            "--threads", "1", "--batch-size", str(batch_size), "--output-dir", str(out), *extra]
+            "--threads", "1", "--batch-size", str(batch_size), "--dtype", "float32", "--output-dir", str(out), *extra]
 
 
 def _losses(out: Path) -> list[float]:

@@ -177,7 +177,7 @@ def test_missing_or_mismatched_adapter_is_a_clear_error(model_dir: Path, tmp_pat
 def test_components_sum_back_to_each_layers_update(model_dir: Path) -> None:
     from lorakit.models import load_model
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, dtype="float32")
     lorakit.adapt(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     randomize_adapters(model, seed=2, scale=0.3)
     updates: dict[str, torch.Tensor] = {}

@@ -92,7 +92,7 @@ def test_load_local_dir_sets_pad_token_and_right_padding(tmp_path: Path) -> None
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(tmp_path)
 
-    model, loaded = load_model(tmp_path)
+    model, loaded = load_model(tmp_path, dtype="float32")
     assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
     assert loaded.padding_side == "right"
     assert model.generation_config.pad_token_id == loaded.pad_token_id

@@ -156,6 +156,20 @@ def test_truncated_shard(tmp_path: Path) -> None:
         lorakit.load_model(directory, quantize="nf4", progress=False)
 
 
+def test_a_directory_without_a_usable_tokenizer_fails_before_any_weight_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = _write("llama", tmp_path / "ckpt")
+    (directory / "tokenizer.json").unlink()
+    (directory / "tokenizer_config.json").unlink()
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were read before the tokenizer was checked")
+
+    monkeypatch.setattr("lorakit.models.load.stream_checkpoint", no_reading)
+    with pytest.raises((OSError, ValueError)):
+        lorakit.load_model(directory, progress=False)
+
+
 def test_missing_shard(tmp_path: Path) -> None:
     directory = _write("llama", tmp_path / "ckpt")
     shard = _first_shard(directory)

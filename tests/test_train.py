@@ -20,7 +20,7 @@ from lorakit.models import load_model
 from lorakit.training import TrainConfig, Trainer
 
 FAST = ["--model", "tiny-llama", "--batch-size", "4", "--seq-len", "64", "--builtin-train-size", "64",
-        "--eval-samples", "4", "--lr", "3e-3", "--log-every", "1"]
+        "--eval-samples", "4", "--lr", "3e-3", "--log-every", "1", "--dtype", "float32"]
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def test_train_eval_merge_generate_round_trip(tmp_path: Path, capsys: pytest.Cap
     # PEFT loads the adapter and gives lorakit's outputs
     model_dir = lorakit.models.resolve_model("tiny-llama")
     ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
-    base, _ = load_model("tiny-llama")
+    base, _ = load_model("tiny-llama", dtype="float32")
     ours = lorakit.load_adapter(base, out / "adapter").eval()
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter").eval()
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_train_eval_merge_generate_round_trip(tmp_path: Path, capsys: pytest.Cap
 
 def test_quantized_model_directory_trains_and_merges(tmp_path: Path) -> None:
     nf4 = tmp_path / "nf4"
-    assert main(["quantize", "--model", "tiny-llama", "--output-dir", str(nf4)]) == 0
+    assert main(["quantize", "--model", "tiny-llama", "--dtype", "float32", "--output-dir", str(nf4)]) == 0
     model, _ = load_model(str(nf4))
     assert any(isinstance(m, lorakit.NF4Linear) for m in model.modules())
     assert main(["train", *FAST, "--model", str(nf4), "--max-steps", "2", "--output-dir", str(tmp_path / "q")]) == 0

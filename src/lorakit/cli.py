@@ -94,11 +94,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.get("interrupted") else 0
 
 
-def _load_with_adapter(model_name: str, adapter: str | None) -> tuple[Any, Any]:
+def _load_with_adapter(model_name: str, adapter: str | None, dtype: str = "auto") -> tuple[Any, Any]:
     from .formats.peft import load_adapter
     from .models.load import load_model
 
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, dtype)
     if adapter:
         load_adapter(model, adapter)
     return model.eval(), tokenizer
@@ -149,7 +149,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from .adapters.model import merge_and_unload
 
-    model, tokenizer = _load_with_adapter(args.model, args.adapter)
+    model, tokenizer = _load_with_adapter(args.model, args.adapter, "float32")  # merge at full precision
     dtype = getattr(torch, args.dtype)
     merged = merge_and_unload(model, dtype=dtype)
     merged.config.dtype = dtype

@@ -120,7 +120,7 @@ def analyze_adapter(directory: str | os.PathLike[str], model: str | os.PathLike[
     if model is not None:
         from ..models.load import load_model
 
-        base, _ = load_model(model)
+        base, _ = load_model(model, dtype="float32")  # the figures must not depend on the machine's "auto"
         load_adapter(base, directory, INSPECT_ADAPTER)
         return analyze_model(base, INSPECT_ADAPTER)
     if isinstance(config, VeraConfig):

@@ -80,6 +80,8 @@ def load_model(
     source = resolve_model(name_or_path)
     directory = source if isinstance(source, Path) else _download(source)
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)  # before the weights: fail fast
+    prepare_tokenizer(tokenizer)
     if is_quantized_dir(directory):
         model = load_quantized(empty_model(config, torch.float32), directory,
                                None if dtype == "auto" else resolve_dtype(dtype, device), device, progress)
@@ -92,8 +94,6 @@ def load_model(
     model.config.name_or_path = str(source)
     if (directory / GENERATION_CONFIG_NAME).is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    prepare_tokenizer(tokenizer)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -37,6 +37,8 @@ class TrainConfig:
     target_parameters: str | None = _opt(None, "also adapt these parameters in place (comma-separated names or "
                                                "suffixes), e.g. fused MoE experts: "
                                                "mlp.experts.gate_up_proj,mlp.experts.down_proj")
+    add_tokens: str | None = _opt(None, "comma-separated new tokens: added to the tokenizer, the embedding grown, and "
+                                        "only their rows trained (and the output head's rows when it is not tied)")
     rslora: bool = _opt(False, "rank-stabilized scaling alpha/sqrt(r)")
     init: str = _opt("default", "adapter initialisation: default (A kaiming-uniform, B = 0), gaussian, pissa (the "
                                 "base's top-r singular vectors train, the rest stays frozen), olora (QR), loftq (the "
@@ -63,6 +65,8 @@ class TrainConfig:
     seq_len: int | None = _opt(None, "maximum tokens per example (longer ones are truncated and counted); default "
                                      f"{DEFAULT_SEQ_LEN}, or the model's context when that is shorter")
     pack: bool = _opt(False, "pack examples into blocks of --seq-len tokens")
+    group_by_length: bool = _opt(True, "fill each batch with examples of similar length (sorted within runs of "
+                                       "50 batches, batch order shuffled), so batches carry little padding")
     chat: bool = _opt(False, "render prompt/completion records through the tokenizer's chat template")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     bf16: bool = _opt(False, "bfloat16 autocast for the forward pass")

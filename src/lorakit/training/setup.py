@@ -19,6 +19,7 @@ from torch import nn
 
 from ..adapters.loraplus import loraplus_param_groups
 from ..adapters.model import adapt
+from ..adapters.tokens import add_tokens
 from ..models.load import load_model
 from ..quant.quantize import quantize
 from .config import DEFAULT_SEQ_LEN, TrainConfig
@@ -119,6 +120,10 @@ def prepare_run(config: TrainConfig, dist: DistContext) -> PreparedRun:
         model, tokenizer = load_model(config.model, config.dtype, dist.load_device(config.fsdp),
                                       None if quantize_late else config.quantize,
                                       progress=None if dist.is_main else False)
+    if config.add_tokens:  # new embedding rows drawn with the seed: the same on every rank and in every run
+        torch.manual_seed(config.seed)
+        tokens = [t.strip() for t in config.add_tokens.split(",") if t.strip()]
+        adapter_config = adapter_config.replace(trainable_token_indices=add_tokens(model, tokenizer, tokens))
     data = load_datasets(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
     torch.manual_seed(config.seed)  # the same adapter init on every rank and in every run
     adapt(model, adapter_config)
@@ -131,7 +136,7 @@ def prepare_run(config: TrainConfig, dist: DistContext) -> PreparedRun:
         model.enable_input_require_grads()
     wrapped = dist.wrap(model, fsdp=config.fsdp)
     stream = BatchStream(data.train, config.batch_size * config.grad_accum, seed=config.seed, rank=dist.rank,
-                         world_size=dist.world_size)
+                         world_size=dist.world_size, group_by_length=config.group_by_length)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.steps_per_epoch))
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config.warmup_steps, total_steps))
