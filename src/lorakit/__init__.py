@@ -24,6 +24,7 @@ from .adapters.model import (
     unload,
     unmerge,
 )
+from .adapters.tokens import add_tokens
 from .formats.peft import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from .formats.quantized import save_quantized
 from .quant.nf4 import NF4Linear, NF4Weight, quantize_nf4
@@ -32,7 +33,7 @@ from .quant.quantize import MemoryFootprint, memory_footprint, quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedLinear", "Adapter", "LoftQConfig", "LoraConfig", "MemoryFootprint", "NF4Linear", "NF4Weight", "load_quantized",
+    "AdaptedLinear", "Adapter", "LoftQConfig", "add_tokens", "LoraConfig", "MemoryFootprint", "NF4Linear", "NF4Weight", "load_quantized",
     "load_model", "memory_footprint", "quantize", "quantize_nf4", "save_quantized", "ParameterCount", "VeraConfig", "adapt", "adapted_layers",
     "adapter_configs", "adapter_state_dict", "combine_adapters", "create_loraplus_optimizer", "delete_adapter", "disable_adapters",
     "export_gguf",

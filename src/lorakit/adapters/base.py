@@ -3,6 +3,8 @@
 A base computes y = W·x + b with W [out, in]. It is one of:
 - nn.Linear (weight stored [out, in]);
 - Hugging Face's Conv1D of the GPT-2 family (weight stored transposed, [in, out]);
+- nn.Embedding, a linear map from one-hot token vectors: W [dim, num_embeddings] = its weight transposed, so a
+  token's row of the embedding table is a column (an input) of W;
 - a *weight provider*: any module with `in_features`, `out_features` and `dense_weight()` (e.g. lorakit's NF4Linear),
   whose weight can only be read as a dense copy.
 Everything above this module reads W, b and the dimensions through these functions, so no adapter and no model-level
@@ -39,9 +41,14 @@ def is_weight_provider(module: nn.Module) -> bool:
     return all(hasattr(module, attr) for attr in ("in_features", "out_features", "dense_weight"))
 
 
+def stored_transposed(base: nn.Module) -> bool:
+    """The base stores W transposed, [in, out] (Conv1D, nn.Embedding)."""
+    return is_conv1d(base) or isinstance(base, nn.Embedding)
+
+
 def base_dims(base: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a base layer."""
-    if is_conv1d(base):
+    if stored_transposed(base):
         in_features, out_features = base.weight.shape
         return out_features, in_features
     return base.out_features, base.in_features
@@ -51,7 +58,7 @@ def dense_weight(base: nn.Module) -> Tensor:
     """The base weight as [out, in] (a view for dense layers, a dequantized copy for providers)."""
     if isinstance(base, nn.Linear):
         return base.weight
-    if is_conv1d(base):
+    if stored_transposed(base):
         return base.weight.T
     return base.dense_weight()
 

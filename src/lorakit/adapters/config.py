@@ -25,7 +25,7 @@ _PEFT_INERT_KEYS = {
     "alora_invocation_tokens", "arrow_config", "auto_mapping", "corda_config", "ensure_weight_tying", "eva_config",
     "inference_mode", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
     "lora_bias", "lora_ga_config", "megatron_config", "megatron_core", "monteclora_config", "peft_version",
-    "qalora_group_size", "revision", "trainable_token_indices", "use_bdlora", "use_qalora",
+    "qalora_group_size", "revision", "use_bdlora", "use_qalora",
     "velora_config", "init_weights", "runtime_config",
 }
 
@@ -60,7 +60,8 @@ class _AdapterConfig:
             object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.target_modules is None and not getattr(self, "target_parameters", None):
+        if self.target_modules is None and not (getattr(self, "target_parameters", None)
+                                                or getattr(self, "trainable_token_indices", None)):
             raise ValueError("target_modules is required: a regex, a list of module names, or 'all-linear'")
 
     def replace(self, **changes: Any) -> "_AdapterConfig":
@@ -98,7 +99,8 @@ class LoraConfig(_AdapterConfig):
     move part of it into the adapter (`init.py`): "pissa", "pissa_niter_<N>", "olora", "loftq" (with `loftq_config`).
     rank_pattern / alpha_pattern override r / lora_alpha for
     modules whose path matches `(.*\\.)?key$`. target_parameters: parameters (e.g. fused MoE experts) adapted in place,
-    `parameters.py`.
+    `parameters.py`. trainable_token_indices: token ids
+    (of the input embedding) or {module: ids} whose embedding rows train, `tokens.py`.
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -110,6 +112,7 @@ class LoraConfig(_AdapterConfig):
     init_lora_weights: bool | str = True
     loftq_config: LoftQConfig | None = None
     target_parameters: tuple[str, ...] | None = None
+    trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
@@ -124,6 +127,10 @@ class LoraConfig(_AdapterConfig):
             if self.lora_dropout or self.use_dora or self.changes_base:
                 raise ValueError("target_parameters: LoRA on a parameter acts through the weight, so lora_dropout, "
                                  "use_dora and initialisations that rewrite the base do not apply")
+        tokens = self.trainable_token_indices
+        if tokens is not None:
+            tokens = {k: tuple(v) for k, v in tokens.items()} if isinstance(tokens, dict) else tuple(tokens)
+            object.__setattr__(self, "trainable_token_indices", tokens)
         if isinstance(self.loftq_config, dict):
             object.__setattr__(self, "loftq_config", LoftQConfig(**self.loftq_config) if self.loftq_config else None)
         init = self.init_lora_weights

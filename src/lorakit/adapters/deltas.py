@@ -1,6 +1,11 @@
 """Low-rank weight updates ΔW = up · down, independent of the base layer they sit on.
 
 - LoRA (Hu et al. 2021, §4.1): ΔW = B·A, A [r, in] kaiming-uniform (or N(0, 1/r)), B [out, r] zeros, so ΔW = 0 at init.
+- Embedding LoRA: the same ΔW = B·A on nn.Embedding's W [dim, num_embeddings] (`base.py`), so A [r, num] is looked up
+  by token id; as PEFT (after loralib) A starts at zero and B ~ N(0, 1).
+- Trainable tokens (PEFT's `trainable_token_indices`): chosen rows of an embedding table train, all others stay
+  frozen; the rows' values are held, ΔW = values − original on those rows, zero elsewhere. On an output head the
+  rows are output rows (`HeadTokensDelta`), also when the head is tied to the embedding and shares its rows.
 - Stacked LoRA (PEFT's `target_parameters`, e.g. the fused experts of a mixture-of-experts layer): one LoRA per matrix
   of a stack [E, out, in], ΔW_e = B_e·A_e, held in two tensors in PEFT's layout.
 - VeRA (Kopiczko et al. 2024, §3.1): ΔW = diag(λ_b)·B_s·diag(λ_d)·A_s with A_s [r, in] and B_s [out, r] frozen random
@@ -56,6 +61,94 @@ class LoRADelta(nn.Module):
 
     def delta_weight(self) -> Tensor:
         return self.lora_B @ self.lora_A  # [out, in]
+
+
+class EmbeddingLoRADelta(LoRADelta):
+    """LoRA on an nn.Embedding: the input is token ids, A [r, num_embeddings] is a lookup table, B [dim, r]."""
+
+    def __init__(self, num_embeddings: int, dim: int, r: int, init: bool | str = True,
+                 padding_idx: int | None = None) -> None:
+        self.padding_idx = padding_idx
+        super().__init__(num_embeddings, dim, r, init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: bool | str = True) -> None:
+        if init is False:
+            super().reset_parameters(False)
+            return
+        nn.init.zeros_(self.lora_A)
+        nn.init.normal_(self.lora_B)
+
+    def forward(self, ids: Tensor, scale: float) -> Tensor:
+        # ids [...] -> [..., r] -> [..., dim]
+        return F.linear(F.embedding(ids, self.lora_A.T, padding_idx=self.padding_idx) * scale, self.lora_B)
+
+
+class TrainableTokensDelta(nn.Module):
+    """Rows `token_indices` of an embedding table [num, dim] train: `trainable_tokens_delta` [n, dim] holds their values
+    (PEFT's name: the values, not a difference), `trainable_tokens_original` the frozen ones they replace."""
+
+    def __init__(self, table: Tensor, token_indices: list[int]) -> None:
+        super().__init__()
+        self.num_embeddings = table.shape[0]
+        self.register_buffer("token_indices", torch.tensor(token_indices, dtype=torch.long, device=table.device))
+        original = table.detach()[self.token_indices].float()  # [n, dim]
+        self.register_buffer("trainable_tokens_original", original.clone())
+        self.trainable_tokens_delta = nn.Parameter(original.clone())  # [n, dim]
+
+    @property
+    def values(self) -> Tensor:
+        return self.trainable_tokens_delta
+
+    @property
+    def originals(self) -> Tensor:
+        return self.trainable_tokens_original
+
+    def rows(self) -> Tensor:
+        """ΔW in the table's layout [num, dim]: values − original on the chosen rows."""
+        change = self.trainable_tokens_delta - self.trainable_tokens_original  # [n, dim]
+        return change.new_zeros(self.num_embeddings, change.shape[1]).index_copy(0, self.token_indices, change)
+
+    def forward(self, ids: Tensor, scale: float) -> Tensor:
+        return F.embedding(ids, self.rows())  # [..., dim]
+
+    def delta_weight(self) -> Tensor:
+        return self.rows().T  # [dim, num]: the embedding seen as a linear map
+
+    def written_into(self, weight: Tensor, rows: Tensor) -> Tensor:
+        """weight [dim, num] with the chosen tokens' columns set to `rows` [n, dim]."""
+        return weight.T.index_copy(0, self.token_indices, rows.to(weight.dtype)).T
+
+
+class HeadTokensDelta(nn.Module):
+    """Trainable rows of an output head [vocab, dim], which are output rows: y[..., i] += x·(values_i − original_i)
+    for the chosen tokens i. `shared`: the head is tied to an embedding and these are that embedding's rows (one set
+    of parameters, saved once, under the embedding)."""
+
+    def __init__(self, tokens: TrainableTokensDelta, shared: bool) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.shared = shared
+
+    @property
+    def values(self) -> Tensor:
+        return self.tokens.trainable_tokens_delta
+
+    @property
+    def originals(self) -> Tensor:
+        return self.tokens.trainable_tokens_original
+
+    def forward(self, x: Tensor, scale: float) -> Tensor:
+        tokens = self.tokens
+        change = tokens.trainable_tokens_delta - tokens.trainable_tokens_original  # [n, dim]
+        out = x.new_zeros(*x.shape[:-1], tokens.num_embeddings)  # [..., vocab]
+        return out.index_copy(-1, tokens.token_indices, F.linear(x, change))
+
+    def delta_weight(self) -> Tensor:
+        return self.tokens.rows()  # [vocab, dim]
+
+    def written_into(self, weight: Tensor, rows: Tensor) -> Tensor:
+        return weight.index_copy(0, self.tokens.token_indices, rows.to(weight.dtype))
 
 
 class StackedLoRADelta(LoRADelta):

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import base_bias, base_dims, dense_weight, frozen_linear_forward, is_conv1d
-from .deltas import LoRADelta, VeRADelta
+from .base import base_bias, base_dims, dense_weight, frozen_linear_forward, is_conv1d, stored_transposed
+from .deltas import HeadTokensDelta, LoRADelta, TrainableTokensDelta, VeRADelta
 
-Delta = LoRADelta | VeRADelta
+Delta = LoRADelta | VeRADelta | TrainableTokensDelta | HeadTokensDelta
 
 
 class Adapter(nn.Module):
@@ -46,7 +46,7 @@ class Adapter(nn.Module):
         return self.delta.delta_weight() * self.scaling
 
     @torch.no_grad()
-    def weight_norm(self, layer: "AdaptedLinear") -> Tensor:
+    def weight_norm(self, layer: AdaptedLinear) -> Tensor:
         """n = ‖W + s·ΔW‖ per output row [out], without forming W + s·ΔW; detached by construction."""
         down, up = (t.float() for t in self.delta.factors())  # [r, in], [out, r]
         w_down = layer.project_base(down).float()  # [out, r] = W·downᵀ
@@ -55,9 +55,9 @@ class Adapter(nn.Module):
         norm_sq = layer.weight_row_norm_sq() + 2 * s * (up * w_down).sum(1) + s * s * ((up @ gram) * up).sum(1)
         return norm_sq.clamp_min(0).sqrt()
 
-    def update(self, x: Tensor, base_out: Tensor, layer: "AdaptedLinear") -> Tensor:
+    def update(self, x: Tensor, base_out: Tensor, layer: AdaptedLinear) -> Tensor:
         """What this adapter adds to the base output, in the adapter's dtype: [..., out]."""
-        x = x.to(self.dtype)
+        x = x.to(self.dtype) if x.is_floating_point() else x  # an embedding's input is token ids
         x_d = self.dropout(x)
         if not self.use_dora:
             return self.delta(x_d, self.scaling)  # [..., out]
@@ -74,9 +74,11 @@ class Adapter(nn.Module):
         w_x = F.linear(x_d, dense_weight(layer.base_layer).to(self.dtype))  # W·x_d [..., out]
         return torch.addcmul(F.linear(hidden, ratio[:, None] * up), w_x, ratio - 1)
 
-    def merged_weight(self, weight: Tensor, layer: "AdaptedLinear") -> Tensor:
+    def merged_weight(self, weight: Tensor, layer: AdaptedLinear) -> Tensor:
         """W with this adapter folded in (float32 math); remembers DoRA's norm for an exact unmerge."""
         w = weight.float()
+        if isinstance(self.delta, (TrainableTokensDelta, HeadTokensDelta)):
+            return self.delta.written_into(w, self.delta.values)  # rows replaced: merging twice (tied) is harmless
         delta = self.delta_weight().float()
         if not self.use_dora:
             return w + delta
@@ -87,6 +89,8 @@ class Adapter(nn.Module):
     def unmerged_weight(self, weight: Tensor) -> Tensor:
         """Inverse of merged_weight."""
         w = weight.float()
+        if isinstance(self.delta, (TrainableTokensDelta, HeadTokensDelta)):
+            return self.delta.written_into(w, self.delta.originals)
         delta = self.delta_weight().float()
         if not self.use_dora:
             return w - delta
@@ -102,7 +106,8 @@ class AdaptedLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.out_features, self.in_features = base_dims(base_layer)
-        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)  # PEFT's config flag; `transposed` also covers nn.Embedding
+        self.transposed = stored_transposed(base_layer)
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
@@ -199,12 +204,12 @@ class AdaptedLinear(nn.Module):
     def write_weight(self, weight: Tensor) -> None:
         """Replace the dense base weight by `weight` [out, in] (in the base's dtype and layout)."""
         base = self.base_layer
-        if not isinstance(base, nn.Linear) and not self.fan_in_fan_out:
+        if not isinstance(base, nn.Linear) and not self.transposed:
             raise TypeError(
                 f"cannot merge into a {type(base).__name__} base in place (it would round the update away); "
                 "use lorakit.merge_and_unload(model, dtype=...) to export a dense model"
             )
-        target = base.weight.T if self.fan_in_fan_out else base.weight
+        target = base.weight.T if self.transposed else base.weight
         target.copy_(weight.to(target.dtype))
         self.row_norm_sq = None
 

@@ -16,14 +16,15 @@ from torch import nn
 
 from .base import base_dims, dense_module, dense_weight, is_weight_provider
 from .config import AdapterConfig, LoraConfig, VeraConfig
-from .deltas import LoRADelta, VeRADelta, VeRAProjections
+from .deltas import EmbeddingLoRADelta, LoRADelta, VeRADelta, VeRAProjections
 from .init import initialize_from_base
 from .layer import Adapter, AdaptedLinear
 from .modules_to_save import ModulesToSave
 from .parameters import AdaptedParameter, adapt_parameters, adapted_parameters
+from .tokens import add_token_adapters
 from .registry import CONFIGS_ATTR, adapted_layers, adapter_configs, module_device, saved_module_wrappers
 from .routing import accept_adapter_names, mixed_batch, refuse_adapter_names
-from .targets import find_targets, matches, replace_module
+from .targets import find_targets, matches, output_head_paths, replace_module
 
 def _wrap(model: nn.Module, path: str) -> AdaptedLinear:
     module = model.get_submodule(path)
@@ -46,8 +47,14 @@ def _make_adapters(config: AdapterConfig, layers: dict[str, AdaptedLinear]) -> d
         device = module_device(layer.base_layer)
         if isinstance(config, LoraConfig):
             init = True if config.changes_base else config.init_lora_weights
-            delta = LoRADelta(layer.in_features, layer.out_features, config.rank_for(path), init).to(device)
-            adapter = Adapter(delta, config.scaling_for(path), config.lora_dropout)
+            embedding = isinstance(layer.base_layer, nn.Embedding)
+            if embedding and (config.use_dora or config.init_lora_weights == "loftq"):
+                raise ValueError(f"{path} is an embedding: use_dora and LoftQ apply to linear layers only")
+            delta = EmbeddingLoRADelta(layer.in_features, layer.out_features, config.rank_for(path), init,
+                                       layer.base_layer.padding_idx) if embedding else \
+                LoRADelta(layer.in_features, layer.out_features, config.rank_for(path), init)
+            delta = delta.to(device)
+            adapter = Adapter(delta, config.scaling_for(path), 0.0 if embedding else config.lora_dropout)
             if config.changes_base:
                 initialize_from_base(layer, delta, config, adapter.scaling)
             if config.use_dora:  # m starts at ‖W + s·ΔW‖ per row; with B = 0 that is ‖W‖, no W·Aᵀ needed
@@ -72,13 +79,16 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     if not adapter_name or "." in adapter_name or adapter_name == "__base__" or hasattr(nn.ModuleDict, adapter_name):
         raise ValueError(f"invalid adapter name {adapter_name!r}")
     parameters = getattr(config, "target_parameters", None)
-    targets = find_targets(model, config.target_modules, config.exclude_modules) \
-        if config.target_modules or not parameters else []
+    tokens = getattr(config, "trainable_token_indices", None)
+    targets = find_targets(model, config.target_modules, config.exclude_modules, isinstance(config, LoraConfig)) \
+        if config.target_modules or not (parameters or tokens) else []
     layers = {path: _wrap(model, path) for path in targets}
     for path, adapter in _make_adapters(config, layers).items():
         layers[path].add_adapter(adapter_name, adapter)
     if parameters:
         adapt_parameters(model, config, adapter_name)
+    if tokens:
+        add_token_adapters(model, config, adapter_name, _wrap)
     for path in _modules_to_save_paths(model, config):
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
@@ -182,11 +192,24 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _set_trainable(model, remaining)
 
 
+def _heads_tied_to_lora_embeddings(model: nn.Module) -> list[nn.Module]:
+    """Output heads sharing their weight with an embedding that carries an active LoRA: merging it would change the
+    head too (the unmerged model applies the update to token lookups only)."""
+    tables = [layer.base_layer.weight for _, layer in adapted_layers(model)
+              if any(isinstance(layer.adapters[n].delta, EmbeddingLoRADelta) for n in layer.active)]
+    heads = [model.get_submodule(path) for path in output_head_paths(model)]
+    heads = [head.base_layer if isinstance(head, AdaptedLinear) else head for head in heads]
+    return [head for head in heads if any(head.weight is table for table in tables)]
+
+
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
     """Fold adapters (default: the active ones) into dense base weights; the forward then costs nothing extra.
 
     With safe_merge, a merge that would write a non-finite weight is undone everywhere and raises.
     """
+    if _heads_tied_to_lora_embeddings(model):
+        raise ValueError("an embedding with LoRA shares its weight with the output head (tied embeddings): merging "
+                         "would change the head too; use merge_and_unload, which unties them")
     done: list[AdaptedLinear | AdaptedParameter] = []
     try:
         for layer in _holders(model):
@@ -232,6 +255,10 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     back to 4 bits; dense bases keep their dtype unless `dtype` is given.
     """
     with torch.no_grad():
+        for head in _heads_tied_to_lora_embeddings(model):  # untie: the head keeps the weight as it was
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            if getattr(model, "config", None) is not None:
+                model.config.tie_word_embeddings = False
         for path, layer in list(adapted_layers(model)):
             if is_weight_provider(layer.base_layer):
                 weight = layer.weight.float()

@@ -2,7 +2,8 @@
 
 - a string is a regular expression that must `re.fullmatch` the module path;
 - a list matches a module whose path equals an entry or ends with "." + entry;
-- "all-linear" is every linear layer (nn.Linear, Hugging Face Conv1D, NF4Linear) except the model's output head.
+- "all-linear" is every linear layer (nn.Linear, Hugging Face Conv1D, NF4Linear) except the model's output head;
+  an nn.Embedding is a target only when named (LoRA).
 A target that matches nothing is an error that names the closest module paths.
 """
 
@@ -23,18 +24,22 @@ ALL_LINEAR = "all-linear"
 
 def is_linear_like(module: nn.Module) -> bool:
     """A layer lorakit can adapt: it maps [..., in] to [..., out] with a weight matrix."""
-    return isinstance(module, (nn.Linear, AdaptedLinear)) or is_conv1d(module) or is_weight_provider(module)
+    if isinstance(module, AdaptedLinear):
+        return is_linear_like(module.base_layer)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_weight_provider(module)
 
 
-def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules that could be targets: linear-like layers, never the internals of an adapted layer."""
+def candidate_modules(model: nn.Module, embeddings: bool = False) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules that could be targets: linear-like layers (and embeddings if asked), never the internals of an
+    adapted layer."""
     inside: tuple[str, ...] = ()
     for name, module in model.named_modules():
         if inside and any(name.startswith(prefix) for prefix in inside):
             continue
         if isinstance(module, AdaptedLinear):
             inside += (name + ".",)
-        if name and is_linear_like(module):
+        base = module.base_layer if isinstance(module, AdaptedLinear) else module
+        if name and (is_linear_like(module) or embeddings and isinstance(base, nn.Embedding)):
             yield name, module
 
 
@@ -62,12 +67,14 @@ def output_head_paths(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if module is head}
 
 
-def find_targets(model: nn.Module, target_modules: TargetSpec, exclude_modules: TargetSpec = None) -> list[str]:
-    """Paths of the modules to adapt; raises ValueError naming close matches when nothing matches."""
-    candidates = dict(candidate_modules(model))
+def find_targets(model: nn.Module, target_modules: TargetSpec, exclude_modules: TargetSpec = None,
+                 embeddings: bool = False) -> list[str]:
+    """Paths of the modules to adapt (embeddings too, when named and `embeddings`); raises ValueError naming close
+    matches when nothing matches."""
+    candidates = dict(candidate_modules(model, embeddings))
     if target_modules == ALL_LINEAR:
         heads = output_head_paths(model)
-        chosen = [path for path in candidates if path not in heads]
+        chosen = [path for path, module in candidates.items() if path not in heads and is_linear_like(module)]
     else:
         chosen = [path for path in candidates if matches(path, target_modules)]
         if not chosen:

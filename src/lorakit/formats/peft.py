@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..adapters.config import AdapterConfig, LoraConfig, VeraConfig, config_from_peft_dict
-from ..adapters.deltas import VeRADelta
+from ..adapters.deltas import EmbeddingLoRADelta, HeadTokensDelta, TrainableTokensDelta, VeRADelta
 from ..adapters.model import adapt, delete_adapter
 from ..adapters.parameters import adapted_parameters
 from ..adapters.registry import adapted_layers, adapter_configs, saved_module_wrappers
@@ -57,6 +57,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             projections = delta.projections
             out[f"{PREFIX}{path}.vera_lambda_b"] = delta.vera_lambda_b
             out[f"{PREFIX}{path}.vera_lambda_d"] = delta.vera_lambda_d
+        elif isinstance(delta, (TrainableTokensDelta, HeadTokensDelta)):
+            if not getattr(delta, "shared", False):  # a tied head's rows are the embedding's, saved there
+                out[f"{PREFIX}{path}.token_adapter.trainable_tokens_delta"] = delta.values
+        elif isinstance(delta, EmbeddingLoRADelta):
+            out[f"{PREFIX}{path}.lora_embedding_A"] = delta.lora_A
+            out[f"{PREFIX}{path}.lora_embedding_B"] = delta.lora_B
         else:
             out[f"{PREFIX}{path}.lora_A.weight"] = delta.lora_A
             out[f"{PREFIX}{path}.lora_B.weight"] = delta.lora_B
@@ -89,7 +95,8 @@ def _config_for_file(model: nn.Module, config: AdapterConfig, adapter_name: str)
     if config.target_modules is None:  # target_parameters alone
         data["target_modules"] = []
     if config.target_modules == ALL_LINEAR:  # PEFT writes the expanded module list
-        targets = [path for path, layer in adapted_layers(model) if adapter_name in layer.adapters]
+        targets = [path for path, layer in adapted_layers(model) if adapter_name in layer.adapters
+                   and not isinstance(layer.adapters[adapter_name].delta, (TrainableTokensDelta, HeadTokensDelta))]
         data["target_modules"] = compact_target_list(model, targets)
     if data["base_model_name_or_path"] is None:
         data["base_model_name_or_path"] = getattr(getattr(model, "config", None), "name_or_path", None) or None
@@ -178,17 +185,38 @@ def load_adapter(
     """
     config = read_adapter_config(path)
     tensors = read_adapter_tensors(path)
+    _grow_vocabulary(model, Path(path), config)
     adapt(model, config, adapter_name)
     try:
-        _copy_into(adapter_state_dict(model, adapter_name), tensors, config, Path(path) / WEIGHTS_NAME)
+        expected = adapter_state_dict(model, adapter_name)
+        optional = {"base_model.vera_A", "base_model.vera_B"} if isinstance(config, VeraConfig) else set()
+        for layer_path, layer in adapted_layers(model):  # PEFT saves an embedding that carries LoRA whole
+            if isinstance(layer.adapters[adapter_name].delta if adapter_name in layer.adapters else None,
+                          EmbeddingLoRADelta):
+                key = f"{PREFIX}{layer_path}.base_layer.weight"
+                expected[key] = layer.base_layer.weight.detach()
+                optional.add(key)
+        _copy_into(expected, tensors, config, optional, Path(path) / WEIGHTS_NAME)
     except Exception:
         delete_adapter(model, adapter_name)
         raise
     return model
 
 
-def _copy_into(expected: dict[str, Tensor], found: dict[str, Tensor], config: AdapterConfig, file: Path) -> None:
-    optional = {"base_model.vera_A", "base_model.vera_B"} if isinstance(config, VeraConfig) else set()
+def _grow_vocabulary(model: nn.Module, directory: Path, config: AdapterConfig) -> None:
+    """An adapter that trains new tokens, saved with its extended tokenizer: grow the base's embeddings to match (the
+    new rows' values come from the adapter)."""
+    if not getattr(config, "trainable_token_indices", None) or not (directory / "tokenizer_config.json").is_file():
+        return
+    from transformers import AutoTokenizer
+
+    size = len(AutoTokenizer.from_pretrained(directory))
+    if size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(size)
+
+
+def _copy_into(expected: dict[str, Tensor], found: dict[str, Tensor], config: AdapterConfig, optional: set[str],
+               file: Path) -> None:
     missing = sorted(set(expected) - set(found) - optional)
     unexpected = sorted(set(found) - set(expected) - optional)
     if missing:
@@ -199,7 +227,7 @@ def _copy_into(expected: dict[str, Tensor], found: dict[str, Tensor], config: Ad
             f" (and {len(unexpected) - 1} more)" if unexpected[1:] else ""))
     with torch.no_grad():
         for key, target in expected.items():
-            if key not in found:  # VeRA projections not saved: regenerated from the seed already
+            if key not in found:  # VeRA projections not saved (regenerated from the seed), an embedding not saved
                 continue
             source = found[key]
             if source.shape != target.shape:
@@ -212,8 +240,6 @@ def _copy_into(expected: dict[str, Tensor], found: dict[str, Tensor], config: Ad
 
 
 def _unexpected_hint(key: str, config: AdapterConfig) -> str:
-    if "lora_embedding" in key:
-        return " (LoRA on embedding layers is not supported by lorakit)"
     if key.endswith("lora_B.bias"):
         return " (lora_bias is not supported by lorakit)"
     if isinstance(config, LoraConfig) and not key.startswith("base_model.model."):

@@ -91,6 +91,8 @@ class Trainer:
         plot = None
         if self.dist.is_main:
             save_adapter(self.model, self.out / "adapter")
+            if self.config.add_tokens:  # the extended tokenizer goes with the adapter; load_adapter grows the base
+                self.tokenizer.save_pretrained(self.out / "adapter")
             plot = plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
         self._save_checkpoint()  # on every rank: it gathers their RNG states and waits for rank 0's files
         self.echo(f"lorakit: adapter: {self.out / 'adapter'}  metrics: {self.out / 'metrics.jsonl'}  "
