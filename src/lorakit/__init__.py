@@ -6,7 +6,8 @@ from typing import Any
 
 from . import legacy
 from .adapters.combine import combine_adapters
-from .adapters.config import LoftQConfig, LoraConfig, VeraConfig
+from .adapters.adalora import RankAllocator
+from .adapters.config import AdaLoraConfig, LoftQConfig, LoraConfig, VeraConfig
 from .adapters.layer import AdaptedLinear, Adapter
 from .adapters.loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .adapters.model import (
@@ -33,7 +34,7 @@ from .quant.quantize import MemoryFootprint, memory_footprint, quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedLinear", "Adapter", "LoftQConfig", "add_tokens", "LoraConfig", "MemoryFootprint", "NF4Linear", "NF4Weight", "load_quantized",
+    "AdaLoraConfig", "AdaptedLinear", "Adapter", "LoftQConfig", "RankAllocator", "add_tokens", "LoraConfig", "MemoryFootprint", "NF4Linear", "NF4Weight", "load_quantized",
     "load_model", "memory_footprint", "quantize", "quantize_nf4", "save_quantized", "ParameterCount", "VeraConfig", "adapt", "adapted_layers",
     "adapter_configs", "adapter_state_dict", "combine_adapters", "create_loraplus_optimizer", "delete_adapter", "disable_adapters",
     "export_gguf",

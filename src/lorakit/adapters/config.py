@@ -180,8 +180,50 @@ class VeraConfig(_AdapterConfig):
         return self.r
 
 
+@dataclass(frozen=True)
+class AdaLoraConfig(LoraConfig):
+    """AdaLoRA (Zhang et al. 2023): the update in SVD form P·Λ·Q, ranks pruned by importance from `init_r` per layer
+    to an average of `target_r` on a cubic schedule over `total_step` steps (`adalora.py`), PEFT's fields.
+
+    rank_pattern here is PEFT's: `{"<module>.lora_E": [kept?, ...]}`, the allocator's final mask (None before any).
+    """
+
+    peft_type: ClassVar[str] = "ADALORA"
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1  # PEFT's name
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    rank_pattern: dict[str, list[bool]] | None = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.use_dora or self.changes_base or self.target_parameters or self.trainable_token_indices:
+            raise ValueError("AdaLoRA adapts linear layers with its own initialisation: use_dora, init_lora_weights "
+                             "from the base, target_parameters and trainable_token_indices do not apply")
+        if not 0 < self.target_r <= self.init_r:
+            raise ValueError(f"AdaLoRA needs 0 < target_r <= init_r, got target_r={self.target_r}, init_r={self.init_r}")
+        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1) or self.orth_reg_weight < 0 or self.deltaT < 1:
+            raise ValueError("AdaLoRA needs 0 < beta1, beta2 < 1, orth_reg_weight >= 0 and deltaT >= 1")
+        if self.total_step is not None and self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(f"AdaLoRA: tinit={self.tinit} and tfinal={self.tfinal} leave no budgeting phase in "
+                             f"total_step={self.total_step} steps")
+
+    def rank_for(self, module_path: str) -> int:
+        """Ranks kept by the saved pattern (all init_r before any pruning)."""
+        mask = (self.rank_pattern or {}).get(f"{module_path}.lora_E")
+        return self.init_r if mask is None else int(sum(mask))
+
+    def scaling_for(self, module_path: str) -> float:
+        return self.lora_alpha if self.lora_alpha > 0 else float(self.init_r)  # divided by init_r in the delta
+
+
 AdapterConfig = Union[LoraConfig, VeraConfig]
-CONFIG_CLASSES: dict[str, type[_AdapterConfig]] = {"LORA": LoraConfig, "VERA": VeraConfig}
+CONFIG_CLASSES: dict[str, type[_AdapterConfig]] = {"LORA": LoraConfig, "VERA": VeraConfig, "ADALORA": AdaLoraConfig}
 
 
 _PISSA_NITER = re.compile(r"pissa_niter_[0-9]+")

@@ -170,6 +170,39 @@ class StackedLoRADelta(LoRADelta):
         return b @ a  # [E, out, in]
 
 
+class SVDDelta(nn.Module):
+    """AdaLoRA's update in SVD form (Zhang et al. 2023, eq. 3): ΔW = P·Λ·Q / r₀, PEFT's names lora_B = P [out, r],
+    lora_E = Λ [r, 1], lora_A = Q [r, in]; r₀ = `ranknum`, the initial rank, which keeps the scaling fixed while
+    triplets are pruned (a pruned triplet has Λ_i = 0). P and Q start N(0, 0.02²), Λ at zero, so ΔW = 0."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, ranknum: int, init: bool | str = True) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.randn(r, in_features))  # [r, in]
+        self.lora_E = nn.Parameter(torch.randn(r, 1))  # [r, 1]
+        self.lora_B = nn.Parameter(torch.randn(out_features, r))  # [out, r]
+        self.register_buffer("ranknum", torch.tensor(float(ranknum)), persistent=False)
+        if init is not False:
+            with torch.no_grad():
+                nn.init.zeros_(self.lora_E)
+                nn.init.normal_(self.lora_A, std=0.02)
+                nn.init.normal_(self.lora_B, std=0.02)
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, x: Tensor, scale: float) -> Tensor:
+        # x [..., in] -> [..., r] -> [..., out]
+        return F.linear(F.linear(x, self.lora_A * self.lora_E) * (scale / (self.ranknum + 1e-5)), self.lora_B)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_A * self.lora_E / (self.ranknum + 1e-5), self.lora_B
+
+    def delta_weight(self) -> Tensor:
+        down, up = self.factors()
+        return up @ down  # [out, in]
+
+
 def kaiming_uniform_like_peft(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
     """U(-b, b) with b = √3·√2/√fan_in, fan_in = shape[1], drawn from `generator` (VeRA's projection init)."""
     bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])

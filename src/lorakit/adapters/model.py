@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .base import base_dims, dense_module, dense_weight, is_weight_provider
-from .config import AdapterConfig, LoraConfig, VeraConfig
-from .deltas import EmbeddingLoRADelta, LoRADelta, VeRADelta, VeRAProjections
+from .config import AdaLoraConfig, AdapterConfig, LoraConfig, VeraConfig
+from .deltas import EmbeddingLoRADelta, LoRADelta, SVDDelta, VeRADelta, VeRAProjections
 from .init import initialize_from_base
 from .layer import Adapter, AdaptedLinear
 from .modules_to_save import ModulesToSave
@@ -45,7 +45,13 @@ def _make_adapters(config: AdapterConfig, layers: dict[str, AdaptedLinear]) -> d
     adapters = {}
     for path, layer in layers.items():
         device = module_device(layer.base_layer)
-        if isinstance(config, LoraConfig):
+        if isinstance(config, AdaLoraConfig):
+            if isinstance(layer.base_layer, nn.Embedding):
+                raise ValueError(f"{path} is an embedding: AdaLoRA adapts linear layers")
+            delta = SVDDelta(layer.in_features, layer.out_features, config.rank_for(path), config.init_r,
+                             config.init_lora_weights).to(device)
+            adapter = Adapter(delta, config.scaling_for(path), config.lora_dropout)
+        elif isinstance(config, LoraConfig):
             init = True if config.changes_base else config.init_lora_weights
             embedding = isinstance(layer.base_layer, nn.Embedding)
             if embedding and (config.use_dora or config.init_lora_weights == "loftq"):

@@ -30,8 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..adapters.config import AdapterConfig, LoraConfig, VeraConfig, config_from_peft_dict
-from ..adapters.deltas import EmbeddingLoRADelta, HeadTokensDelta, TrainableTokensDelta, VeRADelta
+from ..adapters.config import AdaLoraConfig, AdapterConfig, LoraConfig, VeraConfig, config_from_peft_dict
+from ..adapters.deltas import EmbeddingLoRADelta, HeadTokensDelta, SVDDelta, TrainableTokensDelta, VeRADelta
 from ..adapters.model import adapt, delete_adapter
 from ..adapters.parameters import adapted_parameters
 from ..adapters.registry import adapted_layers, adapter_configs, saved_module_wrappers
@@ -60,6 +60,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         elif isinstance(delta, (TrainableTokensDelta, HeadTokensDelta)):
             if not getattr(delta, "shared", False):  # a tied head's rows are the embedding's, saved there
                 out[f"{PREFIX}{path}.token_adapter.trainable_tokens_delta"] = delta.values
+        elif isinstance(delta, SVDDelta):
+            out[f"{PREFIX}{path}.lora_A"] = delta.lora_A
+            out[f"{PREFIX}{path}.lora_E"] = delta.lora_E
+            out[f"{PREFIX}{path}.lora_B"] = delta.lora_B
         elif isinstance(delta, EmbeddingLoRADelta):
             out[f"{PREFIX}{path}.lora_embedding_A"] = delta.lora_A
             out[f"{PREFIX}{path}.lora_embedding_B"] = delta.lora_B
@@ -130,13 +134,28 @@ def _as_plain_lora(
     return tensors, data
 
 
+def _pruned(tensors: dict[str, Tensor], rank_pattern: dict[str, list[bool]]) -> dict[str, Tensor]:
+    """AdaLoRA's kept triplets only (rows of lora_A and lora_E, columns of lora_B), as PEFT saves them."""
+    out = dict(tensors)
+    for key, mask in rank_pattern.items():
+        keep = torch.tensor(mask, dtype=torch.bool)
+        module = PREFIX + key.removesuffix(".lora_E")
+        if out[f"{module}.lora_E"].shape[0] != len(mask):
+            continue  # loaded already pruned
+        for name in ("lora_A", "lora_E"):
+            out[f"{module}.{name}"] = out[f"{module}.{name}"][keep.to(out[f"{module}.{name}"].device)]
+        out[f"{module}.lora_B"] = out[f"{module}.lora_B"][:, keep.to(out[f"{module}.lora_B"].device)]
+    return out
+
+
 def save_adapter(
     model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default", residual: bool | None = None
 ) -> Path:
     """Write `adapter_name` as a PEFT adapter directory; files are replaced atomically.
 
     `residual` chooses the form of an adapter initialised from the base weight (module doc): None (default) writes
-    PiSSA/OLoRA as the plain LoRA of the original base and LoftQ in its residual form.
+    PiSSA/OLoRA as the plain LoRA of the original base and LoftQ in its residual form. residual=True writes every
+    adapter exactly as it lives in the model (also AdaLoRA's pruned triplets, as zeros), as checkpoints need.
     """
     configs = adapter_configs(model)
     if adapter_name not in configs:
@@ -150,6 +169,8 @@ def save_adapter(
         residual = isinstance(config, LoraConfig) and config.init_lora_weights == "loftq"
     if isinstance(config, LoraConfig) and config.changes_base and not residual:
         tensors, data = _as_plain_lora(model, config, adapter_name, tensors, data)
+    if isinstance(config, AdaLoraConfig) and config.rank_pattern and not residual:
+        tensors = _pruned(tensors, config.rank_pattern)
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(data, indent=2, sort_keys=True)

@@ -21,7 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..formats.peft import adapter_state_dict, read_adapter_tensors, save_adapter
+from ..adapters.config import AdaLoraConfig
+from ..adapters.registry import adapter_configs
+from ..formats.peft import adapter_state_dict, read_adapter_config, read_adapter_tensors, save_adapter
 
 STATE_NAME = "state.json"
 TENSORS_NAME = "optimizer.safetensors"
@@ -103,6 +105,10 @@ def load_checkpoint(
                 raise ValueError(f"checkpoint {source}: tensor {key} has shape {tuple(saved[key].shape)}, "
                                  f"the model needs {tuple(target.shape)} (different method or rank?)")
             target.copy_(saved[key])
+    saved_config = read_adapter_config(source / "adapter")
+    if isinstance(saved_config, AdaLoraConfig):  # the rank pattern AdaLoRA's allocator had reached
+        configs = adapter_configs(model)
+        configs[adapter_name] = configs[adapter_name].replace(rank_pattern=saved_config.rank_pattern)
     tensors = load_file(source / TENSORS_NAME)
     rng_states = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng.torch")]}
     rng_key = "rng.torch" + (f".{rank}" if rank else "")

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..adapters.config import LoftQConfig, LoraConfig, VeraConfig
+from ..adapters.config import AdaLoraConfig, LoftQConfig, LoraConfig, VeraConfig
 
-METHODS = ("lora", "dora", "vera")
+METHODS = ("lora", "dora", "vera", "adalora")
 INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 DEFAULT_SEQ_LEN = 256
 
@@ -40,6 +40,10 @@ class TrainConfig:
     add_tokens: str | None = _opt(None, "comma-separated new tokens: added to the tokenizer, the embedding grown, and "
                                         "only their rows trained (and the output head's rows when it is not tied)")
     rslora: bool = _opt(False, "rank-stabilized scaling alpha/sqrt(r)")
+    target_r: int | None = _opt(None, "AdaLoRA: average rank kept per layer at the end (--rank is the initial "
+                                      "rank); default half of --rank")
+    adalora_tinit: int = _opt(0, "AdaLoRA: steps before ranks start to be pruned")
+    adalora_tfinal: int = _opt(0, "AdaLoRA: final steps that train the pruned ranks without pruning")
     init: str = _opt("default", "adapter initialisation: default (A kaiming-uniform, B = 0), gaussian, pissa (the "
                                 "base's top-r singular vectors train, the rest stays frozen), olora (QR), loftq (the "
                                 "adapted layers become NF4 with an adapter that makes up their quantization error; "
@@ -93,6 +97,13 @@ class TrainConfig:
             if parameters:
                 raise ValueError("--target-parameters takes LoRA; VeRA adapts linear layers only")
             return VeraConfig(r=self.r, target_modules=targets, vera_dropout=self.dropout)
+        if self.method == "adalora":
+            if self.init != "default" or parameters or self.add_tokens:
+                raise ValueError("--method adalora takes its own initialisation and adapts linear layers only "
+                                 "(no --init, --target-parameters or --add-tokens)")
+            return AdaLoraConfig(init_r=self.r, target_r=self.target_r or max(1, self.r // 2), lora_alpha=self.alpha,
+                                 lora_dropout=self.dropout, target_modules=targets, tinit=self.adalora_tinit,
+                                 tfinal=self.adalora_tfinal)
         if self.init == "loftq" and self.quantize != "nf4":
             raise ValueError("--init loftq quantizes the adapted layers to NF4: add --quantize nf4")
         if self.pissa_niter is not None and self.init != "pissa":

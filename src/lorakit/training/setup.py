@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.adalora import RankAllocator
+from ..adapters.config import AdaLoraConfig
 from ..adapters.loraplus import loraplus_param_groups
 from ..adapters.model import adapt
 from ..adapters.tokens import add_tokens
@@ -105,6 +107,7 @@ class PreparedRun:
     total_steps: int
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    allocator: RankAllocator | None = None  # AdaLoRA: ranks pruned after every step, its penalty added to the loss
 
 
 def prepare_run(config: TrainConfig, dist: DistContext) -> PreparedRun:
@@ -140,4 +143,5 @@ def prepare_run(config: TrainConfig, dist: DistContext) -> PreparedRun:
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.steps_per_epoch))
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config.warmup_steps, total_steps))
-    return PreparedRun(model, tokenizer, data, wrapped, stream, total_steps, optimizer, scheduler)
+    allocator = RankAllocator(model, total_step=total_steps) if isinstance(adapter_config, AdaLoraConfig) else None
+    return PreparedRun(model, tokenizer, data, wrapped, stream, total_steps, optimizer, scheduler, allocator)

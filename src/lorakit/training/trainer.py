@@ -50,6 +50,7 @@ class Trainer:
         self.model, self.tokenizer, self.data = prepared.model, prepared.tokenizer, prepared.data
         self.wrapped, self.stream, self.total_steps = prepared.wrapped, prepared.stream, prepared.total_steps
         self.optimizer, self.scheduler = prepared.optimizer, prepared.scheduler
+        self.allocator = prepared.allocator
         self.step = 0
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.dist.is_main)
         self.autocast = torch.bfloat16 if config.bf16 else None
@@ -144,7 +145,8 @@ class Trainer:
             with self.dist.no_sync(self.wrapped, last=index == len(batches) - 1):
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast is not None):
                     loss = summed_token_loss(self.wrapped, batch) / max(loss_tokens, 1)
-                self.dist.scale_loss(loss).backward()
+                penalty = self.allocator.orthogonal_penalty() / len(batches) if self.allocator else 0.0  # AdaLoRA
+                self.dist.scale_loss(loss + penalty).backward()
             total_loss += loss.item()
         self.dist.reduce_gradients(self.wrapped)
         if config.max_grad_norm:
@@ -152,6 +154,8 @@ class Trainer:
                                            config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        if self.allocator:
+            self.allocator.update_and_allocate(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         return self.dist.sum(total_loss), tokens
 
