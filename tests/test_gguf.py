@@ -320,3 +320,16 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_divisors(tmp_pat
             expected.append(1 / ((1 - smooth) / factor + smooth))
     assert 1.0 in expected and factor in expected and any(1 < e < factor for e in expected)
     np.testing.assert_allclose(tensors["rope_freqs.weight"], expected, rtol=1e-5)
+
+
+def test_vera_without_saved_projections_exports_the_same_file(llama_dir: Path, tmp_path: Path) -> None:
+    """A seed-only VeRA file regenerates its projections from projection_prng_key: the same GGUF as a saved one."""
+    files = []
+    for saved in (True, False):
+        config = lorakit.VeraConfig(r=16, target_modules=["q_proj", "down_proj"], save_projection=saved)
+        adapter = random_adapter(llama_dir, config, tmp_path / f"adapter-{saved}")
+        files.append(_read(lorakit.export_gguf(adapter, tmp_path / f"{saved}.gguf"))[1])
+    assert "base_model.vera_A" not in load_file(tmp_path / "adapter-False" / "adapter_model.safetensors")
+    assert files[0].keys() == files[1].keys()
+    for name in files[0]:
+        np.testing.assert_array_equal(files[0][name], files[1][name])
