@@ -256,10 +256,12 @@ def test_cli_writes_an_adapter_for_the_base_it_names(llama_dir: Path, tmp_path: 
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "tiny-llama"], "needs --adapter"),
+    (["--merged"], "give it with --model"),
     (["--adapter", "{missing}"], "not found"),
     (["--adapter", "{adapter}", "--outtype", "q8_0"], "f32, f16 or bf16"),
     (["--adapter", "{adapter}", "--model", "tiny-gpt2"], "supports the model types"),
     (["--adapter", "{nameless}"], "names no base model"),
+    (["--adapter", "{moved}"], "give the base with --model"),
 ])
 def test_cli_errors(argv: list[str], message: str, llama_dir: Path, tmp_path: Path,
                     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,7 +271,10 @@ def test_cli_errors(argv: list[str], message: str, llama_dir: Path, tmp_path: Pa
     nameless.mkdir()
     config = json.loads((adapter / "adapter_config.json").read_text()) | {"base_model_name_or_path": None}
     (nameless / "adapter_config.json").write_text(json.dumps(config))
-    paths = {"missing": tmp_path / "missing", "adapter": adapter, "nameless": nameless}
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "/gone/model"}))
+    paths = {"missing": tmp_path / "missing", "adapter": adapter, "nameless": nameless, "moved": moved}
     argv = [arg.format(**paths) for arg in argv]
     assert main(["export", *argv, "--output", str(tmp_path / "out.gguf")]) == 2
     error = capsys.readouterr().err

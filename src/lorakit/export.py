@@ -43,9 +43,17 @@ def export_gguf(adapter: str | os.PathLike[str] | None, output: str | os.PathLik
     config = read_adapter_config(adapter) if adapter is not None else None
     if config is None and not merged:
         raise ValueError("exporting a GGUF LoRA adapter needs --adapter (only a merged export can be the base alone)")
+    if config is None and model is None:
+        raise ValueError("a merged export without --adapter converts the base alone: give it with --model")
     base = model or (config.base_model_name_or_path if config else None)
     if not base:
         raise ValueError(f"{adapter}: adapter_config.json names no base model; give it with --model")
+    if model is None:
+        try:
+            resolve_model(base)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{error} (the base adapter_config.json names); give the base with --model") \
+                from None
     if merged:
         return _export_merged(base, adapter, Path(output), outtype or "f16")
     return _export_lora(base, adapter, config, Path(output), outtype or "f32")
