@@ -232,6 +232,8 @@ def test_the_tiny_tokenizer_has_what_llama_cpp_needs() -> None:
     (lorakit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "DoRA cannot be exported"),
     (lorakit.LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only"), "trains biases"),
     (lorakit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]), "trains whole modules"),
+    (lorakit.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]), "not a LoRA pair of a linear layer"),
+    (lorakit.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[5, 6]), "not a LoRA pair"),
 ])
 def test_what_a_llama_cpp_lora_cannot_hold_is_refused_with_the_way_out(config: lorakit.LoraConfig, reason: str,
                                                                        llama_dir: Path, tmp_path: Path,

@@ -108,6 +108,7 @@ METHODS = {
                                           rank_pattern={"q_proj": 2, "down_proj": 6}, alpha_pattern={"v_proj": 3}),
     "vera": lorakit.VeraConfig(r=16, target_modules="all-linear"),
     "dora": lorakit.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear"),
+    "adalora": lorakit.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, target_modules="all-linear", total_step=10),
 }
 IDS = [[5, 72, 101, 108, 108, 111, 256, 44, 32, 119, 111, 114, 108, 100], list(range(30, 90, 3))]
 

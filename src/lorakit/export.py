@@ -16,20 +16,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from .adapters.config import AdapterConfig, LoraConfig
+from .adapters.deltas import LoRADelta, SVDDelta, VeRADelta
 from .adapters.model import merge_and_unload
 from .adapters.registry import adapted_layers
 from .formats.gguf import LoraFactors, Metadata, architecture, write_lora_adapter, write_model
 from .formats.gguf_vocab import copy_tokenizer, hf_tokenizer_metadata
-from .formats.peft import load_adapter, read_adapter_config
+from .formats.peft import PREFIX, load_adapter, read_adapter_config, read_adapter_tensors
 from .models.builtin import RECIPE_FILE, smollm2_gguf_path
 from .models.load import empty_model, load_model, resolve_model
 
+LOW_RANK_DELTAS = (LoRADelta, SVDDelta, VeRADelta)  # linear layers' updates that are a LoRA pair (AdaLoRA's SVD too)
 GGUF_SOURCES = {"smollm2-135m": smollm2_gguf_path}  # built-in bases that come from a GGUF file
 
 
@@ -66,8 +69,10 @@ def _export_lora(base: str, adapter: str | os.PathLike[str], config: AdapterConf
     architecture(model_config)  # an unsupported model type is refused before anything loads
     # Only the adapter and the layers' shapes are needed: the base's weights are allocated, never read.
     skeleton = load_adapter(empty_model(model_config, torch.bfloat16).to_empty(device="cpu"), adapter)
-    factors = [LoraFactors(path, *layer.adapters["default"].delta.factors(), layer.adapters["default"].scaling)
-               for path, layer in adapted_layers(skeleton)]
+    adapters = {path: layer.adapters["default"] for path, layer in adapted_layers(skeleton)
+                if type(layer.adapters["default"].delta) in LOW_RANK_DELTAS}  # exact types: no embedding subclasses
+    _check_covered(read_adapter_tensors(adapter), set(adapters))
+    factors = [LoraFactors(path, *one.delta.factors(), one.scaling) for path, one in adapters.items()]
     alpha = float(config.lora_alpha if isinstance(config, LoraConfig) else config.r)
     return write_lora_adapter(output, model_config, factors, alpha, outtype, name=Path(adapter).name)
 
@@ -84,6 +89,17 @@ def _check_expressible(config: AdapterConfig) -> None:
     if config.modules_to_save:
         raise NotImplementedError(f"the adapter trains whole modules ({list(config.modules_to_save)}), which a "
                                   "llama.cpp LoRA adapter cannot hold; export the merged model instead (--merged)")
+
+
+def _check_covered(keys: Iterable[str], adapted: set[str]) -> None:
+    """Every tensor of the adapter file belongs to an adapted linear layer (or is VeRA's shared pair): anything else
+    (LoRA on embeddings, trainable tokens, expert parameters) has no place in a llama.cpp LoRA adapter."""
+    for key in keys:
+        parts = key.removeprefix(PREFIX).split(".")
+        if key.startswith("base_model.vera_") or any(".".join(parts[:i]) in adapted for i in range(1, len(parts))):
+            continue
+        raise NotImplementedError(f"the adapter's tensor {key} is not a LoRA pair of a linear layer, which is all a "
+                                  "llama.cpp LoRA adapter holds; export the merged model instead (--merged)")
 
 
 def _export_merged(base: str, adapter: str | os.PathLike[str] | None, output: Path, outtype: str) -> Path:
