@@ -287,3 +287,9 @@ def test_cli_init_errors(flags: list[str], message: str, tmp_path: Path, capsys:
 
     assert main(["train", *CLI_FAST, *flags, "--output-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"lorakit: error: {message}"
+
+
+def test_combining_refuses_adapters_counted_from_their_init() -> None:
+    model = lorakit.adapt(tiny_llama(), _config("llama", "pissa"))
+    with pytest.raises(ValueError, match="initialised from the base weight"):
+        lorakit.combine_adapters(model, ["default"], [1.0], "cat", new_name="mix")

@@ -195,3 +195,9 @@ def _record(tmp_path: Path) -> Path:
     file = tmp_path / "eval.jsonl"
     file.write_text('{"prompt": "2024-03-07", "completion": "07 MAR 2024 / Q1"}\n')
     return file
+
+
+def test_combining_refuses_token_rows() -> None:
+    model = lorakit.adapt(tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[3]))
+    with pytest.raises(ValueError, match="parameters or token rows"):
+        lorakit.combine_adapters(model, ["default"], [1.0], "cat", new_name="mix")

@@ -126,6 +126,13 @@ def _check_source(model: nn.Module, name: str, config: AdapterConfig, method: st
             f"adapter {name!r} uses DoRA: its magnitude rescales whole rows of W + s·ΔW, so its effective update is "
             "not low-rank and magnitudes have no combined value; merge_and_unload a copy of the model instead"
         )
+    if isinstance(config, LoraConfig) and config.changes_base:
+        raise ValueError(
+            f"adapter {name!r} was initialised from the base weight ({config.init_lora_weights!r}): its update counts "
+            "from B0·A0, not from zero; save it as a plain LoRA (save_adapter) and load that to combine it"
+        )
+    if isinstance(config, LoraConfig) and (config.target_parameters or config.trainable_token_indices):
+        raise ValueError(f"adapter {name!r} adapts parameters or token rows, which combine_adapters does not weight")
     if config.bias != "none":
         raise ValueError(
             f"adapter {name!r} trains biases (bias={config.bias!r}); biases are shared base tensors that a combined "
