@@ -48,6 +48,7 @@ PARTS = (
     Part("ddp", "bench_ddp.py", ("--rounds", "1", "--steps", "3", "--warmup", "1")),
     Part("quantization", "claim_quantization.py"),
     Part("finetune", "claim_finetune.py"),
+    Part("init_claims", "claim_init.py"),
     Part("big_base", "bench_big_base.py"),  # full: the TinyLlama-1.1B shape; --quick: the tiny shape
     Part("main_job", "bench_main_job.py",
          ("--model", "smollm2-135m", "--steps", "60", "--eval-samples", "100", "--datasets", "builtin,chat"),
