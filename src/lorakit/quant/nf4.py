@@ -384,12 +384,13 @@ def _quantize_rows_into(rows: Tensor, absmax: Tensor, packed: Tensor, divide: bo
 
     bitsandbytes' arithmetic: complete blocks are multiplied by the float32 reciprocal of their absmax
     (``divide=False``), its ragged last block is divided by it (``divide=True``); both guard absmax with 1e-38.
+    The products are float32 (a half-precision row times a float32 scale promotes exactly), so a bfloat16 or
+    float16 weight is never copied to float32 first; each step is one pass over the chunk.
     """
-    rows = rows.float()
-    torch.amax(rows.abs(), dim=1, out=absmax)
+    absmax.copy_(torch.amax(rows.abs(), dim=1))  # [m], exact in any dtype
     guarded = absmax.clamp(min=_MIN_ABSMAX).unsqueeze(1)  # [m, 1]
-    scaled = rows / guarded if divide else rows * (1.0 / guarded)
-    packed.copy_(_pack_codes(_nf4_codes(scaled.view(-1))))
+    scaled = rows / guarded if divide else rows * guarded.reciprocal()  # [m, n] float32
+    _pack_codes_into(_nf4_codes(scaled.view(-1)), packed)
 
 
 def _nf4_codes(scaled: Tensor) -> Tensor:
@@ -401,17 +402,18 @@ def _nf4_codes(scaled: Tensor) -> Tensor:
     below, inside = _code_tables_on(scaled.device)
     half = _CODE_BINS / 2
     bins = torch.add(torch.full((), half, device=scaled.device), scaled, alpha=half)  # x·K/2 + K/2
-    bins = bins.to(torch.int32).clamp_(0, _CODE_BINS - 1)  # [n]; truncation equals floor on the kept range
+    bins = bins.to(torch.int32).clamp_(0, _CODE_BINS - 1)  # [n]; truncation is floor here; NaN lands in range
     codes = torch.index_select(below, 0, bins)  # [n] uint8
-    return codes.add_(scaled > torch.index_select(inside, 0, bins))
+    return codes.add_(torch.gt(scaled, torch.index_select(inside, 0, bins)).view(torch.uint8))
 
 
-def _pack_codes(codes: Tensor) -> Tensor:
-    """Two 4-bit codes (uint8 [n]) per byte, first in the high nibble; an odd count is padded with the zero code."""
+def _pack_codes_into(codes: Tensor, packed: Tensor) -> None:
+    """Two 4-bit codes (uint8 [n]) per byte of ``packed``, first in the high nibble (byte = 16·first + second); an
+    odd count is padded with the zero code."""
     if codes.numel() % 2:
         codes = F.pad(codes, (0, 1), value=ZERO_CODE)
     pairs = codes.view(-1, 2)
-    return (pairs[:, 0] << 4) | pairs[:, 1]
+    torch.add(pairs[:, 1], pairs[:, 0], alpha=16, out=packed)
 
 
 def _quantize_dynamic_8bit(values: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
