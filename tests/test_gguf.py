@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 import lorakit
 from lorakit.cli import build_parser, main
 from lorakit.formats.gguf import TensorNames, encode, rope_interleave
-from lorakit.formats.gguf_vocab import pre_tokenizer_name
+from lorakit.formats.gguf_vocab import pre_tokenizer_name, with_added_tokens
 from lorakit.models import load_model
 
 PREFIX = "base_model.model."
@@ -340,3 +340,27 @@ def test_vera_without_saved_projections_exports_the_same_file(llama_dir: Path, t
     assert files[0].keys() == files[1].keys()
     for name in files[0]:
         np.testing.assert_array_equal(files[0][name], files[1][name])
+
+
+def test_tokens_an_adapter_added_are_in_the_merged_models_vocabulary(llama_dir: Path, tmp_path: Path) -> None:
+    model, tokenizer = load_model(llama_dir, dtype="float32")
+    spec = lorakit.add_tokens(model, tokenizer, ["<ledger>", "<iso>"])
+    lorakit.adapt(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=spec))
+    adapter = lorakit.save_adapter(model, tmp_path / "adapter")
+    tokenizer.save_pretrained(adapter)
+    fields, tensors = _read(lorakit.export_gguf(adapter, tmp_path / "model.gguf", merged=True, outtype="f32"))
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == len(tokenizer) == tensors["token_embd.weight"].shape[0]
+    assert tokens[-2:] == ["<ledger>", "<iso>"] and fields["tokenizer.ggml.token_type"][-2:] == [4, 4]
+
+
+def test_copied_tokenizer_keys_grow_by_the_added_tokens() -> None:
+    tokenizer = bpe_tokenizer()
+    tokenizer.add_tokens(["<ledger>"])
+    keys = gguf.Keys.Tokenizer
+    array, string, int32 = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING, gguf.GGUFValueType.INT32
+    copied = [(keys.MODEL, "gpt2", string, None), (keys.LIST, ["a"] * 260, array, string),
+              (keys.TOKEN_TYPE, [1] * 260, array, int32)]
+    grown = {key: value for key, value, _, _ in with_added_tokens(copied, tokenizer, 262)}
+    assert grown[keys.LIST][260:] == ["<ledger>", "[PAD261]"] and grown[keys.TOKEN_TYPE][260:] == [4, 5]
+    assert grown[keys.MODEL] == "gpt2"

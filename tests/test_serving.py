@@ -159,3 +159,17 @@ def test_llama3_rope_scaling_in_llama_cpp(tmp_path: Path) -> None:
     for mine, theirs, without in zip(ours, _llama_cpp_logits(path, IDS, exact_cache=True), unscaled):
         assert np.abs(mine - without).max() > 1e-3, "the scaling must change the logits for this test to mean much"
         np.testing.assert_allclose(theirs, mine, atol=1e-4, rtol=0)
+
+
+def test_a_merged_model_with_added_tokens_runs_them(tmp_path: Path) -> None:
+    directory = tiny_model_dir(tmp_path / "model", "llama")
+    model, tokenizer = load_model(directory, dtype="float32")
+    spec = lorakit.add_tokens(model, tokenizer, ["<ledger>", "<iso>"])
+    lorakit.adapt(model, lorakit.LoraConfig(r=4, target_modules="all-linear", trainable_token_indices=spec,
+                                            init_lora_weights=False))
+    adapter = lorakit.save_adapter(model, tmp_path / "adapter")
+    tokenizer.save_pretrained(adapter)
+    path = lorakit.export_gguf(adapter, tmp_path / "merged.gguf", merged=True, outtype="f32")
+    ids = [IDS[0] + tokenizer.convert_tokens_to_ids(["<ledger>", "<iso>"])]
+    for ours, theirs in zip(_torch_logits(model.eval(), ids), _llama_cpp_logits(path, ids, exact_cache=True)):
+        np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)

@@ -20,14 +20,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from .adapters.config import AdapterConfig, LoraConfig
 from .adapters.deltas import LoRADelta, SVDDelta, VeRADelta
 from .adapters.model import merge_and_unload
 from .adapters.registry import adapted_layers
 from .formats.gguf import LoraFactors, Metadata, architecture, write_lora_adapter, write_model
-from .formats.gguf_vocab import copy_tokenizer, hf_tokenizer_metadata
+from .formats.gguf_vocab import copy_tokenizer, hf_tokenizer_metadata, with_added_tokens
 from .formats.peft import PREFIX, load_adapter, read_adapter_config, read_adapter_tensors
 from .models.builtin import RECIPE_FILE, smollm2_gguf_path
 from .models.load import empty_model, load_model, resolve_model
@@ -107,6 +107,8 @@ def _export_merged(base: str, adapter: str | os.PathLike[str] | None, output: Pa
     model, tokenizer = load_model(base, dtype="float32")
     if adapter is not None:
         model = merge_and_unload(load_adapter(model, adapter), dtype=torch.float32)
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():  # it trained new tokens
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
     metadata = _tokenizer_metadata(resolve_model(base), tokenizer, model.config.vocab_size)
     name = Path(adapter).name if adapter is not None else Path(base).name
     return write_model(output, model.config, model.state_dict().items(), metadata, outtype, name=name)
@@ -117,5 +119,5 @@ def _tokenizer_metadata(source: Path | str, tokenizer: PreTrainedTokenizerBase, 
     recipe = Path(source) / RECIPE_FILE
     name = json.loads(recipe.read_text()).get("name") if isinstance(source, Path) and recipe.is_file() else None
     if name in GGUF_SOURCES:
-        return copy_tokenizer(GGUF_SOURCES[name]())
+        return with_added_tokens(copy_tokenizer(GGUF_SOURCES[name]()), tokenizer, vocab_size)
     return hf_tokenizer_metadata(tokenizer, vocab_size)

@@ -37,6 +37,20 @@ def copy_tokenizer(path: str | os.PathLike[str]) -> list[Metadata]:
     return entries
 
 
+def with_added_tokens(entries: list[Metadata], tokenizer: Any, vocab_size: int) -> list[Metadata]:
+    """Copied tokenizer keys extended to `vocab_size` tokens with those `tokenizer` added after them (a fine-tune's
+    new tokens: user-defined; ids it does not know: unused padding)."""
+    keys = gguf.Keys.Tokenizer
+    found = {key: value for key, value, _, _ in entries}
+    added = [tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else None
+             for i in range(len(found[keys.LIST]), vocab_size)]
+    start = len(found[keys.LIST])
+    tokens = found[keys.LIST] + [text or f"[PAD{start + n}]" for n, text in enumerate(added)]
+    types = found[keys.TOKEN_TYPE] + [int(TokenType.USER_DEFINED if text else TokenType.UNUSED) for text in added]
+    grown = {keys.LIST: tokens, keys.TOKEN_TYPE: types}
+    return [(key, grown.get(key, value), kind, element) for key, value, kind, element in entries]
+
+
 def pre_tokenizer_name(pre_tokenizer: dict[str, Any] | None) -> str:
     """llama.cpp's name for a byte-level tokenizer's splitting rule (tokenizer.json's `pre_tokenizer`)."""
     steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
