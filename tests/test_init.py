@@ -293,3 +293,13 @@ def test_combining_refuses_adapters_counted_from_their_init() -> None:
     model = lorakit.adapt(tiny_llama(), _config("llama", "pissa"))
     with pytest.raises(ValueError, match="initialised from the base weight"):
         lorakit.combine_adapters(model, ["default"], [1.0], "cat", new_name="mix")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_unload_gives_back_the_original_weights(init: str) -> None:
+    base = tiny_llama()
+    model = lorakit.adapt(copy.deepcopy(base), _config("llama", init))
+    randomize_adapters(model, scale=0.05)
+    plain = lorakit.unload(model)
+    for name, param in base.named_parameters():
+        assert torch.allclose(plain.get_parameter(name), param, atol=1e-6), name

@@ -292,9 +292,17 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging and return the original model (merged adapters are taken out first)."""
+    """Remove every adapter without merging and return the original model (merged adapters are taken out first).
+
+    A dense base that PiSSA or OLoRA turned into W_res gets W_res + s·B₀·A₀ = W back; a LoftQ base stays NF4.
+    """
     for path, layer in list(adapted_layers(model)):
         layer.unmerge()
+        for adapter in reversed(list(layer.adapters.values())):  # the last initialised was taken from the rest
+            initial = getattr(adapter.delta, "init_A", None)
+            if initial is not None and not is_weight_provider(layer.base_layer):
+                restored = layer.weight.float() + adapter.scaling * (adapter.delta.init_B.float() @ initial.float())
+                layer.write_weight(restored)
         replace_module(model, path, layer.base_layer)
     for _, param in list(adapted_parameters(model)):
         param.unmerge()
