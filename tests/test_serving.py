@@ -35,12 +35,13 @@ GGML_TYPE_F32 = 0
 
 def _llama_cpp_logits(model: Path, ids: Sequence[Sequence[int]], lora: Path | None = None,
                       exact_cache: bool = False) -> list[np.ndarray]:
-    """llama.cpp's logits [len, vocab] at every position of each sequence (its KV cache in float32 if asked)."""
+    """llama.cpp's logits [len, vocab] at every position of each sequence (its KV cache in float32 if asked); one
+    thread: ggml's threads wait for each other by spinning, which a busy shared CPU turns into minutes."""
     import llama_cpp  # the serve extra; imported here so that the default suite collects without it
 
     cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if exact_cache else {}
     llm = llama_cpp.Llama(str(model), lora_path=str(lora) if lora else None, logits_all=True, n_ctx=256,
-                          n_batch=256, n_threads=2, verbose=False, **cache)
+                          n_batch=256, n_threads=1, verbose=False, **cache)
     out = []
     for sequence in ids:
         llm.reset()
