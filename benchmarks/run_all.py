@@ -59,6 +59,8 @@ PARTS = (
          ("--quick", "--dtype", "bfloat16")),
 )
 PEERS = ("torch", "transformers", "peft", "bitsandbytes", "torchao")
+# Sections written before run_all recorded the machine ran on a 2-core, 24 GiB x86-64 machine with AVX2 only.
+OLDER_MACHINE = "machine not recorded: 2 cores, AVX2 without native bfloat16, 24 GiB"
 
 
 def priority_prefix() -> list[str]:
@@ -95,7 +97,8 @@ def run_part(part: Part, quick: bool, out: Path, prefix: list[str]) -> dict:
     else:
         section = {"title": part.name, "plots": [],
                    "markdown": f"**Failed** (exit status {code}); see `{(out / 'raw' / (part.name + '.log')).name}`."}
-    section |= {"command": shown, "seconds": seconds, "ok": code == 0, "date": dt.date.today().isoformat()}
+    section |= {"command": shown, "seconds": seconds, "ok": code == 0, "date": dt.date.today().isoformat(),
+                "machine": machine()}
     raw.write_text(json.dumps(section, indent=2) + "\n")
     return section
 
@@ -129,7 +132,7 @@ def write_results(out: Path, quick: bool, prefix: list[str]) -> Path:
          f" on {dt.date.today().isoformat()}; the parts take {sum(s['seconds'] for s in sections) / 60:.1f} min in all"
          " (each section gives its command, wall time and date; `--parts` re-runs some of them)."),
         "",
-        (f"Machine: {machine()}. Priority: {'real-time (`chrt -f 5`)' if prefix else 'normal (chrt not permitted)'}."
+        (f"Machine of this run: {machine()}; each section names the machine it ran on. Priority: {'real-time (`chrt -f 5`)' if prefix else 'normal (chrt not permitted)'}."
         " Every comparison runs lorakit and the peer in the same script on the same model and data; read the ratios,"
         " absolute seconds drift on a shared machine. Background and deeper analyses: `nf4_notes.md`,"
         " `data_notes.md`, `multi_notes.md`, `ddp_notes.md`."),
@@ -137,8 +140,10 @@ def write_results(out: Path, quick: bool, prefix: list[str]) -> Path:
         "Contents: " + ", ".join(f"[{s['title']}](#{anchor(s['title'])})" for s in sections) + ".",
     ]
     for section in sections:
+        where = section.get("machine", OLDER_MACHINE)
         lines += ["", f"## {section['title']}", "",
-                  f"`{section['command']}` ({section['seconds']:.0f} s, {section['date']})", "", section["markdown"]]
+                  f"`{section['command']}` ({section['seconds']:.0f} s, {section['date']}; {where})", "",
+                  section["markdown"]]
         lines += [f"\n![{name}](plots/{name})" for name in section["plots"]]
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
