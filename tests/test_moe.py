@@ -210,3 +210,9 @@ def test_cli_trains_experts_of_a_model_directory(tmp_path: Path, monkeypatch: py
     assert isinstance(peft.PeftModel.from_pretrained(base, tmp_path / "run" / "adapter"), peft.PeftModel)
     assert main([*run, "--method", "vera"]) == 2
     assert "VeRA adapts linear layers only" in capsys.readouterr().err
+
+
+def test_a_mixed_batch_refuses_adapters_on_parameters() -> None:
+    model = lorakit.adapt(tiny_mixtral(), lorakit.LoraConfig(**_options()))
+    with pytest.raises(ValueError, match="cannot route them per sample"), lorakit.mixed_batch(model, ["default"] * 2):
+        pass

@@ -48,6 +48,10 @@ def _route(model: nn.Module, adapter_names: list[str]) -> list[Any]:
     with_copies = sorted({n for n in adapter_names if n != BASE and configs[n].modules_to_save})
     if with_copies:
         raise ValueError(f"adapters {with_copies} train modules_to_save, which a mixed batch cannot route per sample")
+    on_parameters = sorted({n for n in adapter_names if n != BASE and getattr(configs[n], "target_parameters", None)})
+    if on_parameters:
+        raise ValueError(f"adapters {on_parameters} adapt parameters (target_parameters), whose update is in the "
+                         "weight itself: a mixed batch cannot route them per sample")
     layers = [layer for _, layer in adapted_layers(model)]
     if not layers:
         raise ValueError("the model has no adapters")
