@@ -69,8 +69,8 @@ class TrainConfig:
     seq_len: int | None = _opt(None, "maximum tokens per example (longer ones are truncated and counted); default "
                                      f"{DEFAULT_SEQ_LEN}, or the model's context when that is shorter")
     pack: bool = _opt(False, "pack examples into blocks of --seq-len tokens")
-    group_by_length: bool = _opt(True, "fill each batch with examples of similar length (sorted within runs of "
-                                       "50 batches, batch order shuffled), so batches carry little padding")
+    group_by_length: bool = _opt(False, "fill each batch with examples of similar length (sorted within runs of "
+                                        "50 batches, batch order shuffled): less padding, but less varied batches")
     chat: bool = _opt(False, "render prompt/completion records through the tokenizer's chat template")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     bf16: bool = _opt(False, "bfloat16 autocast for the forward pass")
