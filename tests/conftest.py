@@ -58,6 +58,18 @@ def model_output(model: nn.Module, kind: str, inputs: dict[str, torch.Tensor]) -
     return out if kind == "mlp" else out.logits
 
 
+def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, steps: int) -> list[float]:
+    """`steps` optimizer steps of the language-model loss on `ids` (labels = inputs); the loss of each."""
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def randomize_adapters(model: nn.Module, seed: int = 3, scale: float = 0.2) -> None:
     """Move every adapter tensor away from its (identity) init."""
     generator = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import randomize_adapters
+from conftest import randomize_adapters, train_lm
 from torch.func import functional_call
 from transformers import (
     GptOssConfig,
@@ -162,13 +162,7 @@ def test_merge_unmerge_disable_delete_unload() -> None:
 def test_training_moves_only_the_adapters() -> None:
     model = lorakit.adapt(tiny_mixtral().train(), lorakit.LoraConfig(**_options(target_modules=None, lora_alpha=16)))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=INPUT, labels=INPUT).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_lm(model, optimizer, INPUT, steps=8)
     assert losses[-1] < losses[0]
 
 

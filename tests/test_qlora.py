@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lorakit
-from conftest import BUILDERS, Holder, model_input, model_output, randomize_adapters, tiny_llama
+from conftest import BUILDERS, Holder, model_input, model_output, randomize_adapters, tiny_llama, train_lm
 from oracle import FixedMask, check_layer
 
 METHODS = {
@@ -49,13 +49,7 @@ def test_qlora_training_lowers_the_loss_and_only_adapters_learn() -> None:
     optimizer = lorakit.create_loraplus_optimizer(model, torch.optim.AdamW, lr=3e-3)
     batch = model_input("llama", batch=4, seq=16)["input_ids"]
     model.train()
-    losses = []
-    for _ in range(15):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_lm(model, optimizer, batch, steps=15)
     assert losses[-1] < losses[0] - 0.5
     for name, buffer in model.named_buffers():
         if name in packed_before:
