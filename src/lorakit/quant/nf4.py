@@ -117,11 +117,10 @@ def _codebook_on(device: torch.device) -> Tensor:
     return nf4_codebook().to(device)
 
 
-@functools.cache
-def _thresholds_on(device: torch.device) -> Tensor:
+def _thresholds() -> Tensor:
     """Float32 midpoints between adjacent NF4 levels [15]; the code of x is the number of them below x (ties down)."""
     levels = nf4_codebook()
-    return ((levels[:-1] + levels[1:]) / 2).to(device)
+    return (levels[:-1] + levels[1:]) / 2
 
 
 _CODE_BINS = 256  # uniform bins over [-1, 1] for the code lookup; NF4 thresholds are ≥ 0.08 apart, bins 0.0078 wide
@@ -137,7 +136,7 @@ def _code_tables_on(device: torch.device) -> tuple[Tensor, Tensor]:
     whose computed bin index is off by less than a quarter bin (float32 rounding of x·K/2 + K/2 is off by < 2⁻¹⁵).
     Returns (below [K] uint8, inside [K] float32).
     """
-    thresholds = _thresholds_on(torch.device("cpu")).double()  # [15]
+    thresholds = _thresholds().double()  # [15]
     width = 2.0 / _CODE_BINS
     start = -1.0 + width * torch.arange(_CODE_BINS, dtype=torch.float64) - width / 4  # [K], exact binary fractions
     stop = start + 1.5 * width
