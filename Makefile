@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test test-serving demo install bench bench-quick clean
+.PHONY: test test-serving fuzz demo install bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: install
 
 test-serving: $(VENV)/.serve-installed
 	$(PY) -m pytest -q -m serving
+
+# ≥ 10,000 generated cases over the adapter loader, data, CLI and checkpoints; counts in fuzz-report.json
+fuzz: install
+	LORAKIT_FUZZ=long LORAKIT_FUZZ_REPORT=fuzz-report.json $(PY) -m pytest -q -m "not slow and not serving" tests/test_fuzz_*.py
 
 demo: install
 	$(PY) -m lorakit train

@@ -109,3 +109,19 @@ def outputs_across_merging(model: nn.Module, kind: str, inputs: dict[str, torch.
         again = model_output(model, kind, inputs)
         plain = model_output(lorakit.merge_and_unload(copy.deepcopy(model)), kind, inputs)
     return {"unmerged": unmerged, "merged": merged, "unmerged_again": again, "merge_and_unload": plain}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fuzz suite's case counts per surface (and LORAKIT_FUZZ_REPORT, a JSON file of them, when set)."""
+    import json
+    import os
+    import sys
+
+    fuzzing = sys.modules.get("fuzzing")
+    if fuzzing is None or not fuzzing.CASES:
+        return
+    cases = dict(sorted(fuzzing.CASES.items()))
+    terminalreporter.write_line(f"fuzz cases: {sum(cases.values())} ({', '.join(f'{k} {v}' for k, v in cases.items())})")
+    if report := os.environ.get("LORAKIT_FUZZ_REPORT"):
+        with open(report, "w") as file:
+            json.dump({"profile": os.environ.get("LORAKIT_FUZZ", "fast"), "cases": cases}, file, indent=1)
