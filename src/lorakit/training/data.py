@@ -18,15 +18,17 @@ Prompt/completion and messages examples also keep ``prompt_ids`` (the tokens up 
 
 from __future__ import annotations
 
-import json
+import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
+
+from .jsonl import json_type, read_jsonl, shorten
 
 IGNORE_INDEX = -100
 FORMATS: dict[str, frozenset[str]] = {
@@ -41,6 +43,7 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}"
 )
 _KNOWN_FIELDS = frozenset().union(*FORMATS.values())
+_MESSAGE_FIELDS = frozenset({"role", "content"})
 
 
 class _ExampleIds(TypedDict):
@@ -73,35 +76,41 @@ class DataStats:
 # Reading and validating records
 
 
-def load_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read and validate a JSONL file of records; errors name the file, the line and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
+class Record(dict[str, Any]):
+    """A validated record that remembers where it was read (``file:line``), so later errors can name it."""
+
+    def __init__(self, fields: dict[str, Any], where: str) -> None:
+        super().__init__(fields)
+        self.where = where
+
+
+def load_jsonl(path: str | os.PathLike[str]) -> list[Record]:
+    """Read and validate a JSONL file of records (see `jsonl` for what a line may be, `record_format` for a record).
+
+    Every error is a ValueError naming the file, the 1-based line and what is wrong (``data.jsonl:17: ...``);
+    FileNotFoundError/PermissionError for a file that is missing or unreadable.
+    """
     records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
-            record_format(record, where)
-            records.append(record)
+    for where, value in read_jsonl(path):
+        record_format(value, where)
+        records.append(Record(value, where))  # type: ignore[arg-type]  # record_format checked it is a dict
     if not records:
         raise ValueError(f"{path}: empty dataset (no records)")
     return records
 
 
 def record_format(record: object, where: str) -> str:
-    """Return the format name of `record` (a key of ``FORMATS``), or raise a ValueError prefixed with `where`."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    """Return the format name of `record` (a key of ``FORMATS``), or raise a ValueError prefixed with `where`.
+
+    The rules: a JSON object whose fields are exactly those of one format; every value a string of valid Unicode
+    (``text`` not empty); ``messages`` a non-empty array of ``{"role", "content"}`` objects, roles from ``ROLES``,
+    not opening with an assistant turn (a reply needs a turn before it) and holding at least one assistant turn.
+    """
+    if json_type(record) != "object":
+        raise ValueError(f"{where}: expected a JSON object, got {json_type(record)}")
     unknown = sorted(set(record) - _KNOWN_FIELDS)
     if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r} (formats: {_format_list()})")
+        raise ValueError(f"{where}: unknown field {_unknown(unknown[0], _KNOWN_FIELDS)} (formats: {_format_list()})")
     fields = frozenset(record)
     name = next((name for name, required in FORMATS.items() if fields == required), None)
     if name is None:
@@ -109,8 +118,10 @@ def record_format(record: object, where: str) -> str:
     if name == "messages":
         _check_messages(record["messages"], where)
     else:
-        for field in fields:
+        for field in sorted(fields):
             _check_string(record[field], f"{where}: field {field!r}")
+        if not record.get("text", True):
+            raise ValueError(f"{where}: field 'text' is empty (nothing to learn)")
     return name
 
 
@@ -118,24 +129,44 @@ def _format_list() -> str:
     return " | ".join("+".join(sorted(fields)) for fields in FORMATS.values())
 
 
+def _unknown(name: str, known: Collection[str]) -> str:
+    """`name` quoted, with the close matches among `known` when there are some."""
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    return shorten(name) + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+
+
 def _check_string(value: object, what: str) -> None:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if json_type(value) != "string":
+        raise ValueError(f"{what} must be a string, got {json_type(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} holds an unpaired surrogate {value[error.start]!r} at character {error.start + 1} "
+                         "(not valid Unicode)") from None
 
 
 def _check_messages(messages: object, where: str) -> None:
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: field 'messages' must be a non-empty list")
+        got = "an empty array" if messages == [] else json_type(messages)
+        raise ValueError(f"{where}: field 'messages' must be a non-empty array, got {got}")
     for i, message in enumerate(messages):
         what = f"{where}: messages[{i}]"
-        if not isinstance(message, dict):
-            raise ValueError(f"{what} must be an object with 'role' and 'content'")
-        extra = sorted(set(message) - {"role", "content"})
+        if json_type(message) != "object":
+            raise ValueError(f"{what} must be an object with 'role' and 'content', got {json_type(message)}")
+        extra = sorted(set(message) - _MESSAGE_FIELDS)
         if extra:
-            raise ValueError(f"{what}: unknown field {extra[0]!r}")
-        if message.get("role") not in ROLES:
-            raise ValueError(f"{what}: field 'role' must be one of {', '.join(ROLES)}, got {message.get('role')!r}")
-        _check_string(message.get("content"), f"{what}: field 'content'")
+            raise ValueError(f"{what}: unknown field {_unknown(extra[0], _MESSAGE_FIELDS)}")
+        missing = sorted(_MESSAGE_FIELDS - set(message))
+        if missing:
+            raise ValueError(f"{what}: missing field {missing[0]!r}")
+        role = message["role"]
+        if role not in ROLES:
+            shown = _unknown(role, ROLES) if isinstance(role, str) else json_type(role)
+            raise ValueError(f"{what}: field 'role' must be one of {', '.join(ROLES)}, got {shown}")
+        _check_string(message["content"], f"{what}: field 'content'")
+    if messages[0]["role"] == "assistant":
+        raise ValueError(f"{where}: messages[0]: the conversation opens with an assistant turn; "
+                         "a reply needs a system or user turn before it")
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError(f"{where}: field 'messages' has no assistant turn to learn from")
 
@@ -156,7 +187,8 @@ def tokenize_records(
     """Tokenize records into examples of at most `max_len` tokens (longer ones are cut at the end and counted).
 
     `chat` renders prompt/completion records through the chat template (one user and one assistant turn).
-    Examples whose loss tokens were all cut away are dropped and counted in ``n_dropped``.
+    Examples whose loss tokens were all cut away are dropped and counted in ``n_dropped``. Errors name a
+    `Record`'s ``file:line``, or ``record <index>`` (0-based) for plain dicts.
     """
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {max_len}")
@@ -165,7 +197,8 @@ def tokenize_records(
     examples: list[Example] = []
     stats = DataStats()
     for index, record in enumerate(records):
-        example = tokenize_record(record, tokenizer, chat=chat, where=f"record {index}")
+        where = record.where if isinstance(record, Record) else f"record {index}"
+        example = tokenize_record(record, tokenizer, chat=chat, where=where)
         if len(example["input_ids"]) > max_len:
             example["input_ids"] = example["input_ids"][:max_len]
             example["labels"] = example["labels"][:max_len]
@@ -184,26 +217,28 @@ def tokenize_records(
 def tokenize_record(
     record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, chat: bool = False, where: str = "record"
 ) -> Example:
-    """Tokenize one record (untruncated)."""
+    """Tokenize one record (untruncated); a ValueError prefixed with `where` if it is invalid or has no loss token."""
     kind = record_format(record, where)
     eos = tokenizer.eos_token_id
     if kind == "text":
-        example = _encode_segments([(record["text"], True)], tokenizer, _bos_prefix(tokenizer))
+        example = _encode_segments([(record["text"], True)], tokenizer, _bos_prefix(tokenizer), where)
         example["input_ids"].append(eos)
         example["labels"].append(eos)
         return example
     if kind == "prompt/completion" and not chat:
         prefix = _bos_prefix(tokenizer)
-        example = _encode_segments([(record["prompt"], False), (record["completion"], True)], tokenizer, prefix)
+        example = _encode_segments([(record["prompt"], False), (record["completion"], True)], tokenizer, prefix, where)
         example["input_ids"].append(eos)
         example["labels"].append(eos)
-        example["prompt_ids"] = prefix + _encode(record["prompt"], tokenizer)
+        example["prompt_ids"] = prefix + _encode(record["prompt"], tokenizer, where)
         example["answer"] = record["completion"]
         return example
     messages = record["messages"] if kind == "messages" else _as_messages(record)
     segments = chat_segments(messages, tokenizer, where)
-    example = _encode_segments(segments, tokenizer, [])
-    example["prompt_ids"] = _encode_segments(segments[: _last_loss_segment(segments)], tokenizer, [])["input_ids"]
+    example = _encode_segments(segments, tokenizer, [], where)
+    if all(label == IGNORE_INDEX for label in example["labels"]):
+        raise ValueError(f"{where}: the chat template renders the assistant turns as no token, so nothing is learnt")
+    example["prompt_ids"] = _encode_segments(segments[: _last_loss_segment(segments)], tokenizer, [], where)["input_ids"]
     example["answer"] = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
     return example
 
@@ -216,8 +251,17 @@ def _last_loss_segment(segments: Sequence[Segment]) -> int:
     return max(i for i, (_, loss) in enumerate(segments) if loss)
 
 
-def _encode(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+def _encode(text: str, tokenizer: PreTrainedTokenizerBase, where: str) -> list[int]:
+    if not text:
+        return []
+    try:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    except (TypeError, ValueError) as error:  # the tokenizer's own refusals, named for the record they concern
+        raise ValueError(f"{where}: the tokenizer cannot encode this text ({_one_line(error)})") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -227,11 +271,13 @@ def _bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [bos] if bos is not None and with_special[:1] == [bos] else []
 
 
-def _encode_segments(segments: Sequence[Segment], tokenizer: PreTrainedTokenizerBase, prefix: list[int]) -> Example:
+def _encode_segments(
+    segments: Sequence[Segment], tokenizer: PreTrainedTokenizerBase, prefix: list[int], where: str
+) -> Example:
     input_ids = list(prefix)
     labels = [IGNORE_INDEX] * len(prefix)
     for text, loss in segments:
-        ids = _encode(text, tokenizer)
+        ids = _encode(text, tokenizer, where)
         input_ids += ids
         labels += ids if loss else [IGNORE_INDEX] * len(ids)
     return {"input_ids": input_ids, "labels": labels}
@@ -248,9 +294,12 @@ def chat_segments(
     eos = tokenizer.eos_token or ""
 
     def render(upto: int, generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            list(messages[:upto]), tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
-        )
+        try:
+            return tokenizer.apply_chat_template(
+                list(messages[:upto]), tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
+            )
+        except (TemplateError, TypeError, ValueError) as error:  # raise_exception() in a template, or its bugs
+            raise ValueError(f"{where}: the chat template refuses this conversation ({_one_line(error)})") from None
 
     segments: list[Segment] = []
     done = ""

@@ -71,7 +71,8 @@ def load_datasets(config: TrainConfig, tokenizer: Any, max_positions: int | None
     train, stats = tokenize_records(train_records, tokenizer, seq_len, chat=config.chat)
     evaluation, _ = tokenize_records(eval_records, tokenizer, seq_len, chat=config.chat)
     if not train:
-        raise ValueError("the training data holds no usable example")
+        raise ValueError(f"{config.data}: no usable example (the loss tokens of all {stats.n_dropped} training records "
+                         f"lie beyond --seq-len {seq_len})")
     if config.pack:
         train = pack_examples(train, seq_len)
     return Datasets(train, evaluation, stats, seq_len, notes)
