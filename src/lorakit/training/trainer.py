@@ -3,6 +3,10 @@ checkpoints with exact resume, metrics and a loss plot, Ctrl-C / SIGTERM turned 
 
 What the loop runs on (data, adapted model, optimizer, schedule) is built by `setup.prepare_run`. On CPU a run is
 deterministic: killed and resumed, it ends with the same adapter bit for bit.
+
+`--resume` reads and checks the checkpoint (checkpoint.py) before the model is loaded, and refuses with one line
+when there is nothing whole to resume from: it never starts again from step 0. A non-finite loss stops the run with
+an error before anything is saved, so the last checkpoint written stays the last good one.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -25,7 +30,7 @@ from ..adapters.model import trainable_parameters
 from ..formats.peft import save_adapter
 from ..models.stream import limit_heap_retention
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import SavedCheckpoint, find_resumable, remove_stale_temporaries, restore, save_checkpoint
 from .config import TrainConfig
 from .data import collate
 from .evaluate import evaluate_exact_match, evaluate_loss
@@ -43,6 +48,9 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.dist = distributed.context()
         self.echo = echo if self.dist.is_main else (lambda _: None)
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"--output-dir {self.out} is a file, not a directory")
+        self.saved, self.recovered = self._find_checkpoint() if config.resume else (None, None)
         self.report_to = parse_report_to(config.report_to)
         if self.dist.is_main:
             check_libraries(self.report_to)
@@ -61,11 +69,13 @@ class Trainer:
         config = self.config
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        resumed = config.resume and (self.out / "checkpoint").is_dir()
+        resumed = self.saved is not None
         if resumed:
             self._resume()
         else:
             self.metrics.reset()
+        if self.dist.is_main:
+            self._say_removed(remove_stale_temporaries(self.out / "checkpoint", olds=False))
         self.echo(f"lorakit: {config.method} on {config.model}: {trainable_parameters(self.model)}")
         for note in self.data.notes:
             self.echo(f"lorakit: {note}")
@@ -112,6 +122,9 @@ class Trainer:
                 if self.dist.any(stop.requested):
                     return True
                 loss, tokens = self._optimizer_step()
+                if not math.isfinite(loss):
+                    raise ValueError(f"training diverged: the loss of step {self.step + 1} is {loss}; stopped "
+                                     "without saving, the last checkpoint is kept (lower --lr or --max-grad-norm)")
                 self.step += 1
                 window_tokens += tokens
                 lr = self.scheduler.get_last_lr()[0]
@@ -185,23 +198,55 @@ class Trainer:
         if self.dist.is_main:
             extra = {"step": self.step, "stream": self.stream.state_dict(), "world_size": self.dist.world_size,
                      "config": dataclasses.asdict(self.config)}
-            save_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self.scheduler, extra,
-                            rng_states=rng_states)
+            self._say_removed(save_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self.scheduler,
+                                              extra, rng_states=rng_states))
         self.dist.barrier()
 
-    def _resume(self) -> None:
-        state = load_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self.scheduler,
-                                rank=self.dist.rank)
-        saved = state["config"]
+    def _say_removed(self, removed: list[Path]) -> None:
+        if removed:
+            self.echo(f"lorakit: removed {len(removed)} unfinished checkpoint temporaries of runs no longer running: "
+                      + ", ".join(path.name for path in removed))
+
+    def _find_checkpoint(self) -> tuple[SavedCheckpoint, str | None]:
+        """The checkpoint --resume continues from, read and checked before any model is loaded."""
+        try:
+            saved, recovered = find_resumable(self.out / "checkpoint")
+        except (ValueError, OSError) as error:
+            kind = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
+            raise kind(f"--resume: {error}") from None
+        config = saved.extra["config"]
         for key in ("model", "method", "r", "targets", "quantize", "batch_size", "grad_accum", "seed"):
-            if saved.get(key) != getattr(self.config, key):
-                raise ValueError(f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, "
+            if config.get(key) != getattr(self.config, key):
+                raise ValueError(f"--resume: the checkpoint {saved.path} was made with {key}={config.get(key)!r}, "
                                  f"not {getattr(self.config, key)!r}")
-        if state["world_size"] != self.dist.world_size:
-            raise ValueError(f"--resume: the checkpoint was made with {state['world_size']} processes")
-        self.stream.load_state_dict({**state["stream"], "global_batch_size": self.stream.global_batch_size})
-        self.step = int(state["step"])
-        self.metrics.truncate_after(self.step)
+        if saved.state["world_size"] != self.dist.world_size:
+            raise ValueError(f"--resume: the checkpoint {saved.path} was made with {saved.state['world_size']} "
+                             f"process(es), not {self.dist.world_size}")
+        if saved.state["stream"]["seed"] != self.config.seed:
+            raise ValueError(f"--resume: {saved.path / 'state.json'}: key stream.seed is "
+                             f"{saved.state['stream']['seed']}, the run's seed is {self.config.seed}")
+        return saved, recovered
+
+    def _resume(self) -> None:
+        assert self.saved is not None
+        stream = self.saved.state["stream"]
+        mine = {"n_examples": len(self.stream.examples), "global_batch_size": self.stream.global_batch_size}
+        for key, value in mine.items():
+            if stream[key] != value:
+                raise ValueError(f"--resume: the checkpoint {self.saved.path} was made with {key}={stream[key]}, "
+                                 f"this run has {value} (different data or batch size?)")
+        if self.saved.step > self.total_steps:
+            raise ValueError(f"--resume: the checkpoint {self.saved.path} is at step {self.saved.step}, past this "
+                             f"run's {self.total_steps} steps (raise --max-steps or --epochs)")
+        restore(self.saved, self.model, self.optimizer, self.scheduler, rank=self.dist.rank)
+        self.stream.load_state_dict(stream)
+        self.step = self.saved.step
+        try:
+            self.metrics.truncate_after(self.step)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"--resume: {self.metrics.path}: not a lorakit metrics log ({error!r:.80})") from None
+        if self.recovered:
+            self.echo(f"lorakit: {self.recovered}")
         self.echo(f"lorakit: resumed from step {self.step}")
 
     def _resolved_config(self) -> dict[str, Any]:
