@@ -8,79 +8,146 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from .training.options import (
+    FLAG,
+    SEED,
+    check_output_dir,
+    check_output_file,
+    choice,
+    finite_float,
+    non_negative_int,
+    one_line,
+    positive_int,
+    show,
+    text,
+)
 
 ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, NotImplementedError, KeyError)
+CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
+MERGE_DTYPES = ("float32", "bfloat16", "float16")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0  # below the minimum, logits / temperature overflow float32
 
 
-def _field_type(hint: Any) -> tuple[type, bool]:
-    """(base type, optional) of a dataclass field annotation such as `int | None`."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
+def _sampling_temperature(value: float) -> None:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {value!r}")
+
+
+TEMPERATURE = finite_float(0.0, MAX_TEMPERATURE, check=_sampling_temperature)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse without prefix abbreviations: a flag added later never changes what an old command line means."""
+    """argparse without prefix abbreviations (a flag added later never changes what an old command line means) whose
+    errors are one line, `lorakit: error: ...`, and exit status 2, like every other refusal (--help shows usage)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lorakit: error: {one_line(message)} (see {self.prog} --help)\n")
+
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of `cls`: --field-name (or the field's `flags`), typed, with its help text and default."""
-    hints = typing.get_type_hints(cls)
+    """One flag per field of `cls`: --field-name (or the field's `flags`), read by the field's `rule`, with its help
+    text and default; bool fields get --name / --no-name."""
     for f in dataclasses.fields(cls):
-        kind, _ = _field_type(hints[f.name])
+        rule = f.metadata["rule"]
         flags = f.metadata.get("flags", ("--" + f.name.replace("_", "-"),))
         help_text = f.metadata.get("help", "") + f" (default: {f.default})"
-        if kind is bool:
+        if rule is FLAG:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text)
         else:
-            choices = [c for c in f.metadata.get("choices", ()) if c is not None] or None
-            parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices, help=help_text)
+            parser.add_argument(*flags, dest=f.name, type=rule, default=f.default, choices=rule.choices or None,
+                                help=help_text)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """Options from a YAML (.yaml/.yml) or TOML (.toml) file; keys may use dashes or underscores."""
+    """Options from a YAML (.yaml/.yml) or TOML (.toml) file, as written (keys may use dashes or underscores).
+    A file that cannot be read or parsed, or that is no mapping of names to values, raises a one-line error naming it."""
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file {file} not found")
-    text = file.read_text()
-    if file.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    elif file.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        raise ValueError(f"config file {file}: use a .yaml, .yml or .toml file")
+    if file.suffix not in CONFIG_SUFFIXES:
+        raise ValueError(f"config file {show(path)}: use a .yaml, .yml or .toml file")
+    try:
+        content = file.read_bytes().decode("utf-8")
+        data = _parse_toml(content) if file.suffix == ".toml" else _parse_yaml(content)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {show(path)} not found") from None
+    except OSError as error:
+        raise ValueError(f"config file {show(path)}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config file {show(path)}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except RecursionError:
+        raise ValueError(f"config file {show(path)}: nested too deeply") from None
+    except ValueError as error:
+        raise ValueError(f"config file {show(path)}: {one_line(error)}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {file}: expected a mapping of option names to values")
-    return {key.replace("-", "_"): value for key, value in data.items()}
+        raise ValueError(  # noqa: TRY004
+            f"config file {show(path)}: expected a mapping of option names to values, got {type(data).__name__}")
+    options: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ValueError(f"config file {show(path)}: option names are text, got {show(key)}")  # noqa: TRY004
+        name = key.replace("-", "_")
+        if name in options:
+            raise ValueError(f"config file {show(path)}: option {show(key)} given twice")
+        options[name] = value
+    return options
+
+
+def _parse_toml(content: str) -> Any:
+    import tomllib
+
+    return tomllib.loads(content)  # TOMLDecodeError is a ValueError with the line and column
+
+
+def _parse_yaml(content: str) -> Any:
+    """YAML through the safe loader (no Python tags); its errors become ValueError with the problem and line."""
+    import yaml
+
+    try:
+        return yaml.safe_load(content)
+    except yaml.MarkedYAMLError as error:
+        where = f" (line {error.problem_mark.line + 1}, column {error.problem_mark.column + 1})" \
+            if error.problem_mark else ""
+        raise ValueError(f"not valid YAML: {error.problem or error.context}{where}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"not valid YAML: {error}") from None
+
+
+def _close(name: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=3)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    pre = Parser(add_help=False)
-    pre.add_argument("--config")
+    """`--config FILE` of `lorakit train`: its values, through the same rules as the flags, become the defaults."""
+    from .training.config import TrainConfig, convert_field
+
+    pre = Parser(prog=parser.prog, add_help=False)
+    pre.add_argument("--config", type=text())
     known, _ = pre.parse_known_args(argv)
     if known.config:
         options = read_config_file(known.config)
-        valid = {action.dest for action in parser._actions}
-        unknown = sorted(set(options) - valid)
+        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        unknown = [name for name in options if name not in fields]
         if unknown:
-            raise ValueError(f"config file {known.config}: unknown option(s) {unknown}")
-        parser.set_defaults(**options)
+            raise ValueError(f"config file {show(known.config)}: unknown option(s) "
+                             + ", ".join(show(name) + _close(name, fields) for name in unknown))
+        try:
+            parser.set_defaults(**{name: convert_field(fields[name], value) for name, value in options.items()})
+        except ValueError as error:
+            raise ValueError(f"config file {show(known.config)}: {error}") from None
 
 
 # -- subcommands ------------------------------------------------------------------------------------------------
@@ -90,6 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    check_output_dir(config.output_dir, "--output-dir")
     result = train(config)
     return 130 if result.get("interrupted") else 0
 
@@ -134,6 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    _check_context(model.config, ids.shape[1], args.max_new_tokens)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 \
         else {"do_sample": False}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -144,11 +213,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_context(config: Any, prompt_tokens: int, new_tokens: int) -> None:
+    """Refuse a generation that would run past the model's context (position embeddings) or has no prompt."""
+    if prompt_tokens == 0:
+        raise ValueError("--prompt gives no tokens")
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and prompt_tokens + new_tokens > context:
+        raise ValueError(f"--max-new-tokens {new_tokens} after a prompt of {prompt_tokens} tokens exceeds the model's "
+                         f"context of {context} tokens")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
     from .adapters.model import merge_and_unload
 
+    check_output_dir(args.output_dir, "--output-dir")
     model, tokenizer = _load_with_adapter(args.model, args.adapter, "float32")  # merge at full precision
     dtype = getattr(torch, args.dtype)
     merged = merge_and_unload(model, dtype=dtype)
@@ -166,6 +246,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .quant.nf4 import NF4Linear
     from .quant.quantize import memory_footprint
 
+    check_output_dir(args.output_dir, "--output-dir")
     model, tokenizer = load_model(args.model, args.dtype, quantize="nf4", double_quant=not args.no_double_quant,
                                   progress=True)
     dense = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, NF4Linear))
@@ -180,6 +261,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_gguf
 
+    check_output_file(args.output, "--output")
     path = export_gguf(args.adapter, args.output, model=args.model, merged=args.merged, outtype=args.outtype)
     kind = "merged model" if args.merged else "LoRA adapter (llama.cpp --lora)"
     print(f"lorakit: GGUF {kind} written to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -187,7 +269,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training.config import TrainConfig
+    from .training.config import DTYPES, TrainConfig
 
     parser = Parser(prog="lorakit", description="Parameter-efficient fine-tuning: LoRA, LoRA+, QLoRA (NF4), DoRA, "
                     "VeRA; adapters in PEFT's format.")
@@ -199,52 +281,55 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     def model_and_adapter(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default="smollm2-135m", help="built-in name, local HF directory or hub id")
-        p.add_argument("--adapter", help="adapter directory (PEFT format); omit for the base model")
+        p.add_argument("--model", type=text(), default="smollm2-135m", help="built-in name, local HF directory or hub id")
+        p.add_argument("--adapter", type=text(), help="adapter directory (PEFT format); omit for the base model")
 
     evaluate = sub.add_parser("eval", help="loss, perplexity and exact match of a model (+ adapter) on data")
     model_and_adapter(evaluate)
-    evaluate.add_argument("--data", help="JSONL file; default: the built-in task's held-out split")
-    evaluate.add_argument("--seq-len", type=int, help="maximum tokens per example (default: 256, or the model's "
+    evaluate.add_argument("--data", type=text(), help="JSONL file; default: the built-in task's held-out split")
+    evaluate.add_argument("--seq-len", type=positive_int(), help="maximum tokens per example (default: 256, or the model's "
                           "context when that is shorter)")
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--eval-samples", type=int, default=100, help="examples scored by exact match")
+    evaluate.add_argument("--batch-size", type=positive_int(), default=16)
+    evaluate.add_argument("--eval-samples", type=non_negative_int(), default=100, help="examples scored by exact match")
     evaluate.add_argument("--chat", action="store_true", help="render prompt/completion through the chat template")
     evaluate.set_defaults(func=cmd_eval)
 
     generate = sub.add_parser("generate", help="generate text (streamed) from a prompt")
     model_and_adapter(generate)
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--prompt", type=text(), required=True)
     generate.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
-    generate.add_argument("--top-p", type=float, default=0.9)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--max-new-tokens", type=positive_int(), default=64,
+                          help="tokens to generate; with the prompt, at most the model's context")
+    generate.add_argument("--temperature", type=TEMPERATURE, default=0.0,
+                          help=f"0: greedy decoding; else sampling, at most {MAX_TEMPERATURE:g}")
+    generate.add_argument("--top-p", type=finite_float(0.0, 1.0, low_open=True), default=0.9,
+                          help="nucleus sampling: the smallest set of tokens with this much probability")
+    generate.add_argument("--seed", type=SEED, default=0)
     generate.set_defaults(func=cmd_generate)
 
     merge = sub.add_parser("merge", help="write base + adapter as one Hugging Face model directory")
     model_and_adapter(merge)
-    merge.add_argument("--output-dir", required=True)
-    merge.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    merge.add_argument("--output-dir", type=text(), required=True)
+    merge.add_argument("--dtype", type=choice(*MERGE_DTYPES), default="float32", choices=MERGE_DTYPES)
     merge.set_defaults(func=cmd_merge)
 
     quant = sub.add_parser("quantize", help="save an NF4 (QLoRA) copy of a model, to quantize only once")
-    quant.add_argument("--model", default="smollm2-135m")
-    quant.add_argument("--output-dir", required=True)
+    quant.add_argument("--model", type=text(), default="smollm2-135m")
+    quant.add_argument("--output-dir", type=text(), required=True)
     quant.add_argument("--no-double-quant", action="store_true", help="plain float32 block scales (4.5 bits/weight)")
-    quant.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    quant.add_argument("--dtype", type=choice(*DTYPES), default="auto", choices=DTYPES,
                        help="dtype of the dense tensors (embeddings, norms, output head) and the NF4 compute dtype")
     quant.set_defaults(func=cmd_quantize)
 
     export = sub.add_parser("export", help="GGUF for llama.cpp, Ollama, LM Studio: a LoRA adapter (--lora) or, with "
                             "--merged, the whole merged model")
-    export.add_argument("--adapter", help="adapter directory (PEFT format); with --merged it may be omitted to "
+    export.add_argument("--adapter", type=text(), help="adapter directory (PEFT format); with --merged it may be omitted to "
                         "convert the base alone")
-    export.add_argument("--model", help="base model: built-in name, local HF directory or hub id (default: the one "
+    export.add_argument("--model", type=text(), help="base model: built-in name, local HF directory or hub id (default: the one "
                         "adapter_config.json names)")
     export.add_argument("--merged", action="store_true", help="write base + adapter merged, as a complete GGUF model")
-    export.add_argument("--output", required=True, help="the .gguf file to write")
-    export.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"),
+    export.add_argument("--output", type=text(), required=True, help="the .gguf file to write")
+    export.add_argument("--outtype", type=choice(*OUTTYPES), choices=OUTTYPES,
                         help="tensor type (default: f32 for adapters, f16 for merged models; q8_0 merged only)")
     export.set_defaults(func=cmd_export)
 
@@ -268,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ERRORS as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"lorakit: error: {message}", file=sys.stderr)
+        print(f"lorakit: error: {one_line(message)}", file=sys.stderr)
         return 2
 
 
