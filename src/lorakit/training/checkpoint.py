@@ -504,9 +504,11 @@ def restore(
                          "as many")
     targets = adapter_state_dict(model, adapter_name)
     _check_like(saved.adapter, targets, saved.path / ADAPTER_DIR / WEIGHTS_NAME)
-    optimizer_state = _optimizer_state(saved, optimizer)
+    optimizer_state = _optimizer_state(saved, optimizer, scheduler)
     optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict({**scheduler.state_dict(), **saved.state["scheduler"]})
+    lrs = [group["lr"] for group in optimizer_state["param_groups"]]
+    scheduler.load_state_dict({**scheduler.state_dict(), "last_epoch": saved.step, "_step_count": saved.step + 1,
+                               "_last_lr": lrs})
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(saved.adapter[key])
@@ -532,21 +534,37 @@ def _check_like(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
                              f"{target.dtype} {tuple(target.shape)} (different method or rank?)")
 
 
-def _optimizer_state(saved: SavedCheckpoint, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer state dict of `saved`, checked against the live optimizer's groups and parameters."""
+def _optimizer_state(saved: SavedCheckpoint, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    """The optimizer state dict of `saved`, checked against this run's optimizer and schedule: the same parameters
+    per group, every group setting equal to this run's, the learning rates the schedule gives at the saved step."""
     live = optimizer.state_dict()["param_groups"]
     groups = saved.state["optimizer"]["param_groups"]
     file = saved.path / STATE_NAME
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in live]:
         raise ValueError(f"{file}: key optimizer.param_groups holds {[len(g['params']) for g in groups]} parameters "
                          f"per group, this run's optimizer {[len(g['params']) for g in live]}")
+    expected_lrs = _scheduled_lrs(scheduler, saved.step)
     for index, (group, mine) in enumerate(zip(groups, live)):
-        for name, value in mine.items():
+        for name in sorted(set(group) | set(mine)):
             key = f"optimizer.param_groups[{index}].{name}"
+            if name not in mine:
+                raise ValueError(f"{file}: key {key} is not a setting of this run's optimizer")
             if name not in group:
                 raise ValueError(f"{file}: key {key} is missing")
-            if not _same_kind(group[name], value):
-                raise ValueError(f"{file}: key {key} must be like {value!r}, found {group[name]!r:.60}")
+            if name == "lr" and expected_lrs is not None:
+                if not math.isclose(group[name], expected_lrs[index], rel_tol=1e-9):
+                    raise ValueError(f"{file}: key {key} is {group[name]!r}, the schedule gives {expected_lrs[index]!r} "
+                                     f"at step {saved.step}")
+            elif name not in ("lr", "params") and not _same_value(group[name], mine[name]):
+                raise ValueError(f"{file}: key {key} is {group[name]!r:.60}, this run's is {mine[name]!r} "
+                                 "(resume with the options the run was made with)")
+    scheduler_state = saved.state["scheduler"]
+    checks = {"base_lrs": list(getattr(scheduler, "base_lrs", scheduler_state["base_lrs"])),
+              "_last_lr": [group["lr"] for group in groups], "_step_count": saved.step + 1}
+    for name, value in checks.items():
+        if not _same_value(scheduler_state[name], value):
+            raise ValueError(f"{file}: key scheduler.{name} is {scheduler_state[name]!r:.60}, expected {value!r:.60}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     per_param: dict[int, dict[str, Any]] = {}
     for key, value in list(saved.optimizer_tensors.items()) + list(saved.state["optimizer"]["scalars"].items()):
@@ -565,15 +583,20 @@ def _optimizer_state(saved: SavedCheckpoint, optimizer: torch.optim.Optimizer) -
     return {"state": per_param, "param_groups": groups}
 
 
-def _same_kind(value: Any, like: Any) -> bool:
-    """JSON `value` has the type of `like` (an int passes for a float; lists by length and elements)."""
-    if isinstance(like, bool) or like is None or isinstance(like, str):
-        return type(value) is type(like)
-    if isinstance(like, (int, float)):
-        return type(value) in ((int, float) if isinstance(like, float) else (int,))
+def _scheduled_lrs(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> list[float] | None:
+    """The learning rate of each group at `step` under a LambdaLR schedule (None for another scheduler)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return None
+    return [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+
+
+def _same_value(value: Any, like: Any) -> bool:
+    """JSON `value` equals `like`, type for type (a float may be written as an int; a tuple is a list)."""
     if isinstance(like, (list, tuple)):
-        return type(value) is list and len(value) == len(like) and all(map(_same_kind, value, like))
-    return True
+        return type(value) is list and len(value) == len(like) and all(map(_same_value, value, like))
+    if type(like) is float:
+        return type(value) in (int, float) and value == like
+    return type(value) is type(like) and value == like
 
 
 def load_checkpoint(

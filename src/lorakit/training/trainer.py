@@ -222,19 +222,15 @@ class Trainer:
         if saved.state["world_size"] != self.dist.world_size:
             raise ValueError(f"--resume: the checkpoint {saved.path} was made with {saved.state['world_size']} "
                              f"process(es), not {self.dist.world_size}")
-        if saved.state["stream"]["seed"] != self.config.seed:
-            raise ValueError(f"--resume: {saved.path / 'state.json'}: key stream.seed is "
-                             f"{saved.state['stream']['seed']}, the run's seed is {self.config.seed}")
         return saved, recovered
 
     def _resume(self) -> None:
         assert self.saved is not None
         stream = self.saved.state["stream"]
-        mine = {"n_examples": len(self.stream.examples), "global_batch_size": self.stream.global_batch_size}
-        for key, value in mine.items():
-            if stream[key] != value:
-                raise ValueError(f"--resume: the checkpoint {self.saved.path} was made with {key}={stream[key]}, "
-                                 f"this run has {value} (different data or batch size?)")
+        for key, value in self.stream.state_dict().items():  # where it stood may differ, not what it streams
+            if key not in ("epoch", "index") and (type(stream[key]) is not type(value) or stream[key] != value):
+                raise ValueError(f"--resume: the checkpoint {self.saved.path} was made with stream {key}="
+                                 f"{stream[key]!r}, this run has {value!r} (different data, batch size or seed?)")
         if self.saved.step > self.total_steps:
             raise ValueError(f"--resume: the checkpoint {self.saved.path} is at step {self.saved.step}, past this "
                              f"run's {self.total_steps} steps (raise --max-steps or --epochs)")
