@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .adapters.config import AdapterConfig, LoraConfig
 from .adapters.deltas import LoRADelta, SVDDelta, VeRADelta
@@ -30,7 +30,7 @@ from .formats.gguf import LoraFactors, Metadata, architecture, write_lora_adapte
 from .formats.gguf_vocab import copy_tokenizer, hf_tokenizer_metadata, with_added_tokens
 from .formats.peft import PREFIX, load_adapter, read_adapter_config, read_adapter_tensors
 from .models.builtin import RECIPE_FILE, smollm2_gguf_path
-from .models.load import empty_model, load_model, resolve_model
+from .models.load import empty_model, load_model, read_config, resolve_model
 
 LOW_RANK_DELTAS = (LoRADelta, SVDDelta, VeRADelta)  # linear layers' updates that are a LoRA pair (AdaLoRA's SVD too)
 GGUF_SOURCES = {"smollm2-135m": smollm2_gguf_path}  # built-in bases that come from a GGUF file
@@ -65,7 +65,7 @@ def export_gguf(adapter: str | os.PathLike[str] | None, output: str | os.PathLik
 def _export_lora(base: str, adapter: str | os.PathLike[str], config: AdapterConfig, output: Path,
                  outtype: str) -> Path:
     _check_expressible(config)
-    model_config = AutoConfig.from_pretrained(resolve_model(base))
+    model_config = read_config(resolve_model(base))
     architecture(model_config)  # an unsupported model type is refused before anything loads
     # Only the adapter and the layers' shapes are needed: the base's weights are allocated, never read.
     skeleton = load_adapter(empty_model(model_config, torch.bfloat16).to_empty(device="cpu"), adapter)
@@ -103,7 +103,7 @@ def _check_covered(keys: Iterable[str], adapted: set[str]) -> None:
 
 
 def _export_merged(base: str, adapter: str | os.PathLike[str] | None, output: Path, outtype: str) -> Path:
-    architecture(AutoConfig.from_pretrained(resolve_model(base)))
+    architecture(read_config(resolve_model(base)))
     model, tokenizer = load_model(base, dtype="float32")
     if adapter is not None:
         model = merge_and_unload(load_adapter(model, adapter), dtype=torch.float32)

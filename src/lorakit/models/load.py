@@ -7,14 +7,24 @@ a time (`stream.py`), quantized to NF4 on the way when asked. Only safetensors a
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ..adapters.base import FrozenLinear, cpu_has_native_bf16, matmul_dtype
 from ..formats.checkpoint import Checkpoint
@@ -79,9 +89,8 @@ def load_model(
     device = torch.device(device)
     source = resolve_model(name_or_path)
     directory = source if isinstance(source, Path) else _download(source)
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)  # before the weights: fail fast
-    prepare_tokenizer(tokenizer)
+    config = read_config(directory)
+    tokenizer = prepare_tokenizer(read_tokenizer(directory))  # before the weights: fail fast
     if is_quantized_dir(directory):
         model = load_quantized(empty_model(config, torch.float32), directory,
                                None if dtype == "auto" else resolve_dtype(dtype, device), device, progress)
@@ -93,10 +102,50 @@ def load_model(
     avoid_slow_half_matmuls(model)
     model.config.name_or_path = str(source)
     if (directory / GENERATION_CONFIG_NAME).is_file():
-        model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
+        model.generation_config = _read_file(directory / GENERATION_CONFIG_NAME, GenerationConfig.from_pretrained,
+                                             directory, local_files_only=True)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def read_config(source: Path | str) -> PretrainedConfig:
+    """A model directory's config.json (or a hub id's, fetched); one that is not a JSON object, or that transformers
+    refuses (an unknown model type, a value of the wrong type), raises a one-line ValueError naming the file."""
+    if not isinstance(source, Path):
+        return _read_file(source, AutoConfig.from_pretrained, source)
+    directory = source
+    file = directory / "config.json"
+    try:
+        data = json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file}: not valid JSON ({_first_line(error)})") from None
+    except OSError as error:
+        raise ValueError(f"{file}: cannot be read ({error.strerror or error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")  # noqa: TRY004
+    return _read_file(file, AutoConfig.from_pretrained, directory, local_files_only=True)
+
+
+def read_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    """A model directory's tokenizer; broken tokenizer files raise a one-line ValueError naming the directory."""
+    return _read_file(f"{directory} (tokenizer files)", AutoTokenizer.from_pretrained, directory,
+                      local_files_only=True)
+
+
+def _read_file(file: Path | str, reader: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`reader(*args, **kwargs)`, a transformers/tokenizers loader of `file`: whatever it raises for a malformed file
+    (ValueError, OSError, TypeError, KeyError, huggingface_hub's validation errors, the tokenizers library's plain
+    Exception) becomes one ValueError naming the file, its cause chained."""
+    try:
+        return reader(*args, **kwargs)
+    except Exception as error:
+        raise ValueError(f"{file}: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] or type(error).__name__
 
 
 def empty_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
