@@ -24,6 +24,7 @@ from .training.options import (
     non_negative_int,
     one_line,
     positive_int,
+    quote,
     show,
     text,
 )
@@ -75,32 +76,32 @@ def read_config_file(path: str) -> dict[str, Any]:
     A file that cannot be read or parsed, or that is no mapping of names to values, raises a one-line error naming it."""
     file = Path(path)
     if file.suffix not in CONFIG_SUFFIXES:
-        raise ValueError(f"config file {show(path)}: use a .yaml, .yml or .toml file")
+        raise ValueError(f"config file {quote(path)}: use a .yaml, .yml or .toml file")
     try:
         content = file.read_bytes().decode("utf-8")
         data = _parse_toml(content) if file.suffix == ".toml" else _parse_yaml(content)
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file {show(path)} not found") from None
+        raise FileNotFoundError(f"config file {quote(path)} not found") from None
     except OSError as error:
-        raise ValueError(f"config file {show(path)}: {error.strerror or error}") from None
+        raise ValueError(f"config file {quote(path)}: {error.strerror or error}") from None
     except UnicodeDecodeError as error:
-        raise ValueError(f"config file {show(path)}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise ValueError(f"config file {quote(path)}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except RecursionError:
-        raise ValueError(f"config file {show(path)}: nested too deeply") from None
+        raise ValueError(f"config file {quote(path)}: nested too deeply") from None
     except ValueError as error:
-        raise ValueError(f"config file {show(path)}: {one_line(error)}") from None
+        raise ValueError(f"config file {quote(path)}: {one_line(error)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(  # noqa: TRY004
-            f"config file {show(path)}: expected a mapping of option names to values, got {type(data).__name__}")
+            f"config file {quote(path)}: expected a mapping of option names to values, got {type(data).__name__}")
     options: dict[str, Any] = {}
     for key, value in data.items():
         if not isinstance(key, str):
-            raise ValueError(f"config file {show(path)}: option names are text, got {show(key)}")  # noqa: TRY004
+            raise ValueError(f"config file {quote(path)}: option names are text, got {show(key)}")  # noqa: TRY004
         name = key.replace("-", "_")
         if name in options:
-            raise ValueError(f"config file {show(path)}: option {show(key)} given twice")
+            raise ValueError(f"config file {quote(path)}: option {show(key)} given twice")
         options[name] = value
     return options
 
@@ -142,12 +143,12 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
         fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
         unknown = [name for name in options if name not in fields]
         if unknown:
-            raise ValueError(f"config file {show(known.config)}: unknown option(s) "
+            raise ValueError(f"config file {quote(known.config)}: unknown option(s) "
                              + ", ".join(show(name) + _close(name, fields) for name in unknown))
         try:
             parser.set_defaults(**{name: convert_field(fields[name], value) for name, value in options.items()})
         except ValueError as error:
-            raise ValueError(f"config file {show(known.config)}: {error}") from None
+            raise ValueError(f"config file {quote(known.config)}: {error}") from None
 
 
 # -- subcommands ------------------------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ def show(value: Any) -> str:
     return _SHOW.repr(value)
 
 
+def quote(path: str | os.PathLike[str]) -> str:
+    """A file name for a message: as it is, or as a repr when it holds line breaks or other unprintable characters."""
+    text = os.fspath(path)
+    return text if text.isprintable() else repr(text)
+
+
 def one_line(text: object) -> str:
     """`text` on one line: line breaks become spaces."""
     return " ".join(str(text).split("\n")).replace("\r", " ")
@@ -193,9 +199,9 @@ def _kind(path: Path, flag: str, given: str) -> str:
     except OSError as error:
         if error.errno == errno.ENOTDIR:
             return "missing"  # a parent is a file: found by the walk up
-        raise ValueError(f"{flag} {show(given)}: {error.strerror}") from None
+        raise ValueError(f"{flag} {quote(given)}: {error.strerror}") from None
     except ValueError:
-        raise ValueError(f"{flag} {show(given)}: must not contain a NUL character") from None
+        raise ValueError(f"{flag} {quote(given)}: must not contain a NUL character") from None
     return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
 
 
@@ -206,9 +212,9 @@ def _check_parent(path: Path, flag: str, given: str) -> None:
         if kind == "missing":
             continue
         if kind != "dir":
-            raise NotADirectoryError(f"{flag} {show(given)}: {parent} is not a directory")
+            raise NotADirectoryError(f"{flag} {quote(given)}: {parent} is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise PermissionError(f"{flag} {show(given)}: cannot write in {parent}")
+            raise PermissionError(f"{flag} {quote(given)}: cannot write in {parent}")
         return
 
 
@@ -220,9 +226,9 @@ def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
     kind = _kind(target, flag, given)
     if kind == "dir":
         if not os.access(target, os.W_OK | os.X_OK):
-            raise PermissionError(f"{flag} {show(given)}: directory not writable")
+            raise PermissionError(f"{flag} {quote(given)}: directory not writable")
     elif kind != "missing":
-        raise NotADirectoryError(f"{flag} {show(given)}: exists and is not a directory")
+        raise NotADirectoryError(f"{flag} {quote(given)}: exists and is not a directory")
     else:
         _check_parent(target, flag, given)
     return target
@@ -235,10 +241,10 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     target = Path(given)
     kind = _kind(target, flag, given)
     if kind == "dir":
-        raise ValueError(f"{flag} {show(given)}: is a directory, expected a file name")
+        raise ValueError(f"{flag} {quote(given)}: is a directory, expected a file name")
     if kind == "other":
-        raise ValueError(f"{flag} {show(given)}: exists and is not a regular file")
+        raise ValueError(f"{flag} {quote(given)}: exists and is not a regular file")
     if kind == "file" and not os.access(target, os.W_OK):
-        raise PermissionError(f"{flag} {show(given)}: file not writable")
+        raise PermissionError(f"{flag} {quote(given)}: file not writable")
     _check_parent(target, flag, given)
     return target
