@@ -143,7 +143,7 @@ def test_merge_and_orthogonality_penalty() -> None:
 @pytest.mark.parametrize("options, message", [
     ({"target_r": 5}, "0 < target_r <= init_r"),
     ({"tinit": 8}, "leave no budgeting phase"),
-    ({"beta1": 1.0}, "0 < beta1"),
+    ({"beta1": 1.0}, r"beta1 must be a finite number in \(0, 1\)"),
     ({"use_dora": True}, "do not apply"),
 ])
 def test_bad_options(options: dict[str, object], message: str) -> None:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
-TargetSpec = Union[str, tuple[str, ...], None]
+from .patterns import regex_matches, safe_regex
+
+TargetSpec = str | tuple[str, ...] | None
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -33,11 +37,175 @@ _PEFT_INERT_KEYS = {
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq")  # and "pissa_niter_<N>"
 
 
-def _as_targets(value: Any) -> TargetSpec:
-    """Lists and sets become sorted tuples so the config stays hashable and deterministic; strings stay regexes."""
-    if value is None or isinstance(value, str):
+# -- the schema: one rule per field, checked on every construction (from Python or from a PEFT file) -------------
+
+Check = Callable[[Any, str], Any]
+"""(value, field name) -> the value as the config keeps it; raises a one-line ValueError naming the field."""
+
+MAX_DIM = 2**31 - 1  # largest rank or index a tensor dimension can hold
+FLOAT32_MAX = 3.4028234663852886e38
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 60
+
+
+def _refuse(name: str, rule: str, value: Any) -> ValueError:
+    return ValueError(f"{name} must be {rule}, got {_SHOW.repr(value)}")
+
+
+def _integer(low: int, high: int = MAX_DIM) -> Check:
+    def check(value: Any, name: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _refuse(name, f"an integer in [{low}, {high}]", value)
         return value
-    return tuple(sorted(value))
+    return check
+
+
+def _number(low: float = -FLOAT32_MAX, high: float = FLOAT32_MAX, open_low: bool = False,
+            open_high: bool = False) -> Check:
+    """A finite number that float32 can hold, in [low, high] (ends excluded when open)."""
+    shown = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+    def check(value: Any, name: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not (low < value if open_low else low <= value) or not (value < high if open_high else value <= high):
+            raise _refuse(name, f"a finite number in {shown}", value)
+        return value
+    return check
+
+
+def _boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise _refuse(name, "true or false (a JSON boolean)", value)
+    return value
+
+
+def _optional(check: Check) -> Check:
+    return lambda value, name: None if value is None else check(value, name)
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise _refuse(name, "a string", value)
+    return value
+
+
+def _choice(options: tuple[Any, ...]) -> Check:
+    def check(value: Any, name: str) -> Any:
+        if not any(type(value) is type(option) and value == option for option in options):
+            raise _refuse(name, repr(options[0]) if len(options) == 1 else f"one of {options}", value)
+        return value
+    return check
+
+
+def _names(value: Any, name: str) -> tuple[str, ...]:
+    """A list of non-empty names, kept in its order as a tuple (hashable)."""
+    if not isinstance(value, (list, tuple, set, frozenset)) \
+            or not all(isinstance(item, str) and item for item in value):
+        raise _refuse(name, "a list of non-empty names", value)
+    return tuple(value)
+
+
+def _targets(value: Any, name: str) -> TargetSpec:
+    """A regex (fullmatching module paths), "all-linear", or a list of names (kept sorted: deterministic files)."""
+    if isinstance(value, str):
+        if value != "all-linear":
+            safe_regex(value, name)
+        return value
+    return tuple(sorted(_names(value, name)))
+
+
+def _mapping(key_check: Check, value_check: Check) -> Check:
+    def check(value: Any, name: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise _refuse(name, "a JSON object", value)
+        return {key_check(key, name): value_check(item, f"{name}[{_SHOW.repr(key)}]") for key, item in value.items()}
+    return check
+
+
+def _pattern_key(value: Any, name: str) -> str:
+    """A rank_pattern / alpha_pattern key: a regex applied as `(.*\\.)?key$`."""
+    if not isinstance(value, str) or not value:
+        raise _refuse(f"{name} key", "a non-empty string", value)
+    safe_regex(rf"(.*\.)?{value}$", f"{name} key")
+    return value
+
+
+def _list_of(check: Check) -> Check:
+    def list_check(value: Any, name: str) -> tuple[Any, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise _refuse(name, "a list", value)
+        return tuple(check(item, name) for item in value)
+    return list_check
+
+
+def _token_indices(value: Any, name: str) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+    ids = _list_of(_integer(0))
+    if isinstance(value, dict):
+        return _mapping(_names_key, ids)(value, name)
+    return ids(value, name)
+
+
+def _names_key(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _refuse(f"{name} key", "a non-empty module name", value)
+    return value
+
+
+_PISSA_NITER = re.compile(r"pissa_niter_[0-9]{1,4}")
+
+
+def _init_weights(value: Any, name: str) -> bool | str:
+    if isinstance(value, str) and _PISSA_NITER.fullmatch(value):
+        return value
+    return _choice(INIT_CHOICES + ("pissa_niter_<N>, N < 10000",))(value, name)
+
+
+def _loftq(value: Any, name: str) -> LoftQConfig | None:
+    if value is None or isinstance(value, LoftQConfig):
+        return value
+    if not isinstance(value, dict):
+        raise _refuse(name, "a JSON object", value)
+    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(LoftQConfig)})
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {_SHOW.repr(unknown)}")
+    return LoftQConfig(**value) if value else None
+
+
+def _validate(config: Any, rules: dict[str, Check]) -> None:
+    """Check and normalise every field of a frozen config by its rule."""
+    for f in dataclasses.fields(config):
+        object.__setattr__(config, f.name, rules[f.name](getattr(config, f.name), f.name))
+
+
+@dataclass(frozen=True)
+class LoftQConfig:
+    """LoftQ's options, PEFT's names: bits of the quantized base (4: NF4) and alternating quantize/SVD rounds."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        _validate(self, {"loftq_bits": _choice((4,)), "loftq_iter": _integer(1, 1000)})
+
+
+RULES: dict[str, Check] = {
+    "target_modules": _optional(_targets), "exclude_modules": _optional(_targets), "fan_in_fan_out": _boolean,
+    "bias": _choice(BIAS_MODES), "modules_to_save": _optional(_names), "task_type": _optional(_text),
+    "base_model_name_or_path": _optional(_text),
+    # LoRA
+    "r": _integer(1), "lora_alpha": _number(), "lora_dropout": _number(0.0, 1.0, open_high=True),
+    "use_rslora": _boolean, "use_dora": _boolean, "init_lora_weights": _init_weights, "loftq_config": _loftq,
+    "target_parameters": _optional(_names), "trainable_token_indices": _optional(_token_indices),
+    "rank_pattern": _mapping(_pattern_key, _integer(1)), "alpha_pattern": _mapping(_pattern_key, _number()),
+    # VeRA
+    "projection_prng_key": _integer(-(2**63), 2**64 - 1), "save_projection": _boolean,
+    "vera_dropout": _number(0.0, 1.0, open_high=True), "d_initial": _number(),
+    # AdaLoRA (its rank_pattern: {"<module>.lora_E": [kept?, ...]}, the allocator's mask)
+    "target_r": _integer(1), "init_r": _integer(1), "tinit": _integer(0), "tfinal": _integer(0),
+    "deltaT": _integer(1), "beta1": _number(0.0, 1.0, True, True), "beta2": _number(0.0, 1.0, True, True),
+    "orth_reg_weight": _number(0.0), "total_step": _optional(_integer(1)),
+}
+ADALORA_RULES = {**RULES, "rank_pattern": _optional(_mapping(_names_key, lambda v, n: list(_list_of(_boolean)(v, n))))}
 
 
 @dataclass(frozen=True)
@@ -53,18 +221,15 @@ class _AdapterConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
 
+    rules: ClassVar[dict[str, Check]] = RULES
+
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
-        object.__setattr__(self, "exclude_modules", _as_targets(self.exclude_modules))
-        if self.modules_to_save is not None:
-            object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
-        if self.bias not in BIAS_MODES:
-            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.target_modules is None and not (getattr(self, "target_parameters", None)
+        _validate(self, self.rules)
+        if not self.target_modules and not (getattr(self, "target_parameters", None)
                                                 or getattr(self, "trainable_token_indices", None)):
             raise ValueError("target_modules is required: a regex, a list of module names, or 'all-linear'")
 
-    def replace(self, **changes: Any) -> "_AdapterConfig":
+    def replace(self, **changes: Any) -> _AdapterConfig:
         return dataclasses.replace(self, **changes)
 
     def to_peft_dict(self) -> dict[str, Any]:
@@ -74,20 +239,6 @@ class _AdapterConfig:
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
-
-
-@dataclass(frozen=True)
-class LoftQConfig:
-    """LoftQ's options, PEFT's names: bits of the quantized base (4: NF4) and alternating quantize/SVD rounds."""
-
-    loftq_bits: int = 4
-    loftq_iter: int = 1
-
-    def __post_init__(self) -> None:
-        if self.loftq_bits != 4:
-            raise ValueError(f"loftq_bits must be 4 (lorakit quantizes to NF4), got {self.loftq_bits}")
-        if self.loftq_iter < 1:
-            raise ValueError(f"loftq_iter must be at least 1, got {self.loftq_iter}")
 
 
 @dataclass(frozen=True)
@@ -118,25 +269,10 @@ class LoraConfig(_AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ValueError(f"r must be positive, got {self.r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.target_parameters is not None:
-            object.__setattr__(self, "target_parameters", tuple(self.target_parameters))
-            if self.lora_dropout or self.use_dora or self.changes_base:
-                raise ValueError("target_parameters: LoRA on a parameter acts through the weight, so lora_dropout, "
-                                 "use_dora and initialisations that rewrite the base do not apply")
-        tokens = self.trainable_token_indices
-        if tokens is not None:
-            tokens = {k: tuple(v) for k, v in tokens.items()} if isinstance(tokens, dict) else tuple(tokens)
-            object.__setattr__(self, "trainable_token_indices", tokens)
-        if isinstance(self.loftq_config, dict):
-            object.__setattr__(self, "loftq_config", LoftQConfig(**self.loftq_config) if self.loftq_config else None)
-        init = self.init_lora_weights
-        if init not in INIT_CHOICES and not (isinstance(init, str) and _PISSA_NITER.fullmatch(init)):
-            raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa_niter_<N>', got {init!r}")
-        if (init == "loftq") != (self.loftq_config is not None):
+        if self.target_parameters is not None and (self.lora_dropout or self.use_dora or self.changes_base):
+            raise ValueError("target_parameters: LoRA on a parameter acts through the weight, so lora_dropout, "
+                             "use_dora and initialisations that rewrite the base do not apply")
+        if (self.init_lora_weights == "loftq") != (self.loftq_config is not None):
             raise ValueError("init_lora_weights='loftq' and loftq_config=LoftQConfig(...) go together")
 
     @property
@@ -171,10 +307,6 @@ class VeraConfig(_AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ValueError(f"r must be positive, got {self.r}")
-        if not 0.0 <= self.vera_dropout < 1.0:
-            raise ValueError(f"vera_dropout must be in [0, 1), got {self.vera_dropout}")
 
     def rank_for(self, module_path: str) -> int:
         return self.r
@@ -199,6 +331,7 @@ class AdaLoraConfig(LoraConfig):
     orth_reg_weight: float = 0.5
     total_step: int | None = None
     rank_pattern: dict[str, list[bool]] | None = None  # type: ignore[assignment]
+    rules: ClassVar[dict[str, Check]] = ADALORA_RULES
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -207,8 +340,6 @@ class AdaLoraConfig(LoraConfig):
                              "from the base, target_parameters and trainable_token_indices do not apply")
         if not 0 < self.target_r <= self.init_r:
             raise ValueError(f"AdaLoRA needs 0 < target_r <= init_r, got target_r={self.target_r}, init_r={self.init_r}")
-        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1) or self.orth_reg_weight < 0 or self.deltaT < 1:
-            raise ValueError("AdaLoRA needs 0 < beta1, beta2 < 1, orth_reg_weight >= 0 and deltaT >= 1")
         if self.total_step is not None and self.tinit >= self.total_step - self.tfinal:
             raise ValueError(f"AdaLoRA: tinit={self.tinit} and tfinal={self.tfinal} leave no budgeting phase in "
                              f"total_step={self.total_step} steps")
@@ -222,26 +353,25 @@ class AdaLoraConfig(LoraConfig):
         return self.lora_alpha if self.lora_alpha > 0 else float(self.init_r)  # divided by init_r in the delta
 
 
-AdapterConfig = Union[LoraConfig, VeraConfig]
+AdapterConfig = LoraConfig | VeraConfig
 CONFIG_CLASSES: dict[str, type[_AdapterConfig]] = {"LORA": LoraConfig, "VERA": VeraConfig, "ADALORA": AdaLoraConfig}
-
-
-_PISSA_NITER = re.compile(r"pissa_niter_[0-9]+")
 
 
 def _pattern_value(module_path: str, pattern: dict[str, Any], default: Any) -> Any:
     """PEFT's rule: a pattern key applies to a module whose path matches `(.*\\.)?key$`; the first match wins."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?{key}$", module_path):
+        if regex_matches(rf"(.*\.)?{key}$", module_path, "pattern key", whole=False):
             return value
     return default
 
 
 def config_from_peft_dict(data: dict[str, Any], source: str = "adapter_config.json") -> AdapterConfig:
-    """Build a config from PEFT's JSON; options lorakit does not implement are reported, never silently used."""
+    """Build a config from PEFT's JSON; options lorakit does not implement are reported, never silently used, and an
+    invalid value is a ValueError naming `source` and the key."""
     peft_type = data.get("peft_type")
-    if peft_type not in CONFIG_CLASSES:
-        raise ValueError(f"{source}: peft_type {peft_type!r} is not supported (lorakit reads {sorted(CONFIG_CLASSES)})")
+    if not isinstance(peft_type, str) or peft_type not in CONFIG_CLASSES:
+        raise ValueError(f"{source}: peft_type {_SHOW.repr(peft_type)} is not supported (lorakit reads "
+                         f"{sorted(CONFIG_CLASSES)})")
     cls = CONFIG_CLASSES[peft_type]
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -253,10 +383,13 @@ def config_from_peft_dict(data: dict[str, Any], source: str = "adapter_config.js
         elif key in _PEFT_INERT_KEYS and _is_off(key, value):
             continue
         else:
-            warnings.warn(f"{source}: option {key}={value!r} is not supported by lorakit and is ignored", stacklevel=2)
+            warnings.warn(f"{source}: option {key}={_SHOW.repr(value)} is not supported by lorakit and is ignored", stacklevel=2)
     if peft_type == "VERA" and data.get("init_weights") is False:
         warnings.warn(f"{source}: init_weights=False only changes initialisation; loaded weights are used", stacklevel=2)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 def _is_off(key: str, value: Any) -> bool:

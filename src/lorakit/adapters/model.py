@@ -8,23 +8,26 @@ walk the same AdaptedLinear layers; nothing here knows which method or which bas
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .base import base_dims, dense_module, dense_weight, is_weight_provider
-from .config import AdaLoraConfig, AdapterConfig, LoraConfig, VeraConfig
+from .config import CONFIG_CLASSES, AdaLoraConfig, AdapterConfig, LoraConfig, VeraConfig
 from .deltas import EmbeddingLoRADelta, LoRADelta, SVDDelta, VeRADelta, VeRAProjections
 from .init import initialize_from_base
-from .layer import Adapter, AdaptedLinear
+from .layer import AdaptedLinear, Adapter
+from .memory import check_adapter_fits
 from .modules_to_save import ModulesToSave
 from .parameters import AdaptedParameter, adapt_parameters, adapted_parameters
-from .tokens import add_token_adapters
 from .registry import CONFIGS_ATTR, adapted_layers, adapter_configs, module_device, saved_module_wrappers
 from .routing import accept_adapter_names, mixed_batch, refuse_adapter_names
 from .targets import find_targets, matches, output_head_paths, replace_module
+from .tokens import add_token_adapters
+from .transaction import all_or_nothing
+
 
 def _wrap(model: nn.Module, path: str) -> AdaptedLinear:
     module = model.get_submodule(path)
@@ -78,24 +81,51 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     """Add adapter `adapter_name` to every layer `config` targets, make it the active one, freeze the rest.
 
     Adapting again with another name adds a second adapter to the same wrappers (never a wrapper in a wrapper).
+    All or nothing: the config, the names it targets (every name of a target list must match a module) and the
+    memory its weights need are checked before the model is touched, and if anything fails later the model is
+    restored exactly (`transaction.py`).
     """
+    return adapt_checked(model, config, adapter_name, every_name=True)
+
+
+def adapt_checked(model: nn.Module, config: AdapterConfig, adapter_name: str, every_name: bool,
+                  fill: Callable[[], None] | None = None) -> nn.Module:
+    """`adapt`, where `every_name` says whether each name of a target list must match (a file PEFT wrote may list
+    names its model lacks) and `fill`, if given, runs in the same transaction once the adapter is in (loading its
+    weights: if that fails, the model is restored too)."""
+    if getattr(config, "peft_type", None) not in CONFIG_CLASSES:
+        raise ValueError(f"config must be a LoraConfig, VeraConfig or AdaLoraConfig, got {type(config).__name__}")
     configs = adapter_configs(model)
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == "__base__" \
+            or hasattr(nn.ModuleDict, adapter_name):
+        raise ValueError(f"invalid adapter name {adapter_name!r}")
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it or choose another name")
-    if not adapter_name or "." in adapter_name or adapter_name == "__base__" or hasattr(nn.ModuleDict, adapter_name):
-        raise ValueError(f"invalid adapter name {adapter_name!r}")
     parameters = getattr(config, "target_parameters", None)
     tokens = getattr(config, "trainable_token_indices", None)
-    targets = find_targets(model, config.target_modules, config.exclude_modules, isinstance(config, LoraConfig)) \
-        if config.target_modules or not (parameters or tokens) else []
+    targets = find_targets(model, config.target_modules, config.exclude_modules, isinstance(config, LoraConfig),
+                           every_name) if config.target_modules or not (parameters or tokens) else []
+    check_adapter_fits(model, config, targets)
+    saved_paths = _modules_to_save_paths(model, config)
+    rewritten = [model.get_submodule(path) for path in targets] if getattr(config, "changes_base", False) else []
+    with all_or_nothing(model, values=rewritten):
+        _add(model, config, adapter_name, targets, saved_paths)
+        if fill is not None:
+            fill()
+    return model
+
+
+def _add(model: nn.Module, config: AdapterConfig, adapter_name: str, targets: list[str], saved_paths: list[str]) -> None:
+    """Wrap the targets and add the adapter everywhere (`adapt`, inside its transaction)."""
+    configs = adapter_configs(model)
     layers = {path: _wrap(model, path) for path in targets}
     for path, adapter in _make_adapters(config, layers).items():
         layers[path].add_adapter(adapter_name, adapter)
-    if parameters:
+    if getattr(config, "target_parameters", None):
         adapt_parameters(model, config, adapter_name)
-    if tokens:
+    if getattr(config, "trainable_token_indices", None):
         add_token_adapters(model, config, adapter_name, _wrap)
-    for path in _modules_to_save_paths(model, config):
+    for path in saved_paths:
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
@@ -106,7 +136,6 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     configs[adapter_name] = config
     set_adapter(model, adapter_name)
     accept_adapter_names(model)
-    return model
 
 
 def _holders(model: nn.Module) -> list[AdaptedLinear | AdaptedParameter]:

@@ -10,7 +10,6 @@ A target that matches nothing is an error that names the closest module paths.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterator
 
 from torch import nn
@@ -18,6 +17,7 @@ from torch import nn
 from .base import is_conv1d, is_weight_provider
 from .config import TargetSpec
 from .layer import AdaptedLinear
+from .patterns import regex_matches
 
 ALL_LINEAR = "all-linear"
 
@@ -54,7 +54,7 @@ def matches(path: str, spec: TargetSpec) -> bool:
     if spec is None:
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, path) is not None
+        return regex_matches(spec, path, "target_modules")
     return any(path == key or path.endswith("." + key) for key in spec)
 
 
@@ -68,17 +68,20 @@ def output_head_paths(model: nn.Module) -> set[str]:
 
 
 def find_targets(model: nn.Module, target_modules: TargetSpec, exclude_modules: TargetSpec = None,
-                 embeddings: bool = False) -> list[str]:
+                 embeddings: bool = False, every_name: bool = True) -> list[str]:
     """Paths of the modules to adapt (embeddings too, when named and `embeddings`); raises ValueError naming close
-    matches when nothing matches."""
+    matches when nothing matches, or, with `every_name`, when a name of a target list matches nothing (a typo would
+    otherwise silently adapt fewer layers; PEFT only refuses a list of which no name matches)."""
     candidates = dict(candidate_modules(model, embeddings))
     if target_modules == ALL_LINEAR:
         heads = output_head_paths(model)
         chosen = [path for path, module in candidates.items() if path not in heads and is_linear_like(module)]
     else:
         chosen = [path for path in candidates if matches(path, target_modules)]
-        if not chosen:
-            raise ValueError(_no_match_message(model, target_modules, list(candidates)))
+        unmatched = [key for key in target_modules if not any(matches(path, (key,)) for path in chosen)] \
+            if every_name and isinstance(target_modules, tuple) else []
+        if not chosen or unmatched:
+            raise ValueError(_no_match_message(model, tuple(unmatched) or target_modules, list(candidates)))
     chosen = [path for path in chosen if not matches(path, exclude_modules)]
     if not chosen:
         raise ValueError(f"every module matching target_modules={target_modules!r} is excluded by {exclude_modules!r}")

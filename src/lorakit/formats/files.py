@@ -22,14 +22,34 @@ def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
             os.unlink(tmp)
 
 
+MAX_JSON_DEPTH = 32  # lorakit's own files nest at most 4 deep; PEFT's configs 3
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level + 1)
+            if level + 1 <= MAX_JSON_DEPTH:
+                stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def read_json_object(file: Path, kind: str) -> dict[str, Any]:
-    """A JSON object from `file`, with one clear error for a missing file, bad JSON or another JSON type."""
+    """A JSON object from `file`, with one clear error for a missing file, bad JSON (also bad UTF-8, numbers of
+    too many digits, nesting deeper than MAX_JSON_DEPTH) or another JSON type."""
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: not a {kind} directory")
     try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{file}: invalid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object")
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{file}: invalid JSON (nested deeper than {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise ValueError(f"{file}: invalid JSON ({str(error).splitlines()[0][:200]})") from None
+    problem = "expected a JSON object" if not isinstance(data, dict) else \
+        f"invalid JSON (nested deeper than {MAX_JSON_DEPTH} levels)" if _depth(data) > MAX_JSON_DEPTH else None
+    if problem:
+        raise ValueError(f"{file}: {problem}")
     return data

@@ -26,21 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..adapters.config import AdaLoraConfig, AdapterConfig, LoraConfig, VeraConfig, config_from_peft_dict
 from ..adapters.deltas import EmbeddingLoRADelta, HeadTokensDelta, SVDDelta, TrainableTokensDelta, VeRADelta
-from ..adapters.model import adapt, delete_adapter
+from ..adapters.layer import AdaptedLinear
+from ..adapters.model import adapt_checked
 from ..adapters.parameters import adapted_parameters
 from ..adapters.registry import adapted_layers, adapter_configs, saved_module_wrappers
-from ..adapters.targets import ALL_LINEAR, compact_target_list
+from ..adapters.targets import ALL_LINEAR, compact_target_list, find_targets
+from ..adapters.transaction import all_or_nothing
 from .files import atomic_write, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes an adapter file may hold
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
@@ -184,16 +187,48 @@ def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:
 
 
 def read_adapter_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The adapter file's tensors; a file that is not valid safetensors, or a tensor that is not floating point (an
+    adapter of integers would be silently cast), is a ValueError naming the file and the tensor."""
     directory = Path(path)
     file = directory / WEIGHTS_NAME
     if not file.is_file():
         pickled = [p.name for p in directory.glob("*.bin")]
         hint = f" ({pickled} are pickle files, which lorakit never loads; convert them to safetensors)" if pickled else ""
         raise FileNotFoundError(f"{file} not found{hint}")
+    key = None
     try:
-        return load_file(file)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{file}: corrupted or not a safetensors file ({error})") from None
+        with safe_open(file, framework="pt") as handle:
+            tensors = {}
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                dtype = handle.get_slice(key).get_dtype()
+                if dtype not in FLOAT_DTYPES:
+                    raise ValueError(f"{file}: tensor {key} has dtype {dtype}; adapter tensors are floating point "
+                                     f"({', '.join(FLOAT_DTYPES)})")
+                tensors[key] = handle.get_tensor(key)
+            return tensors
+    except (SafetensorError, OSError, RuntimeError, OverflowError, UnicodeError) as error:
+        where = f" (tensor {key})" if key is not None else ""
+        raise ValueError(f"{file}: corrupted or not a safetensors file{where}: {str(error).splitlines()[0]}") from None
+
+
+def _check_ranks(model: nn.Module, config: AdapterConfig, tensors: dict[str, Tensor], file: Path) -> None:
+    """Before anything is allocated: the tensor that carries each targeted layer's rank is in the file with the rank
+    the config gives that layer (so a config's r, however large, never sizes an allocation the file does not back)."""
+    if not config.target_modules:
+        return  # target_parameters or trainable_token_indices alone: their sizes come from the model
+    targets = find_targets(model, config.target_modules, config.exclude_modules, isinstance(config, LoraConfig),
+                           every_name=False)
+    for path in targets:
+        module = model.get_submodule(path)
+        base = module.base_layer if isinstance(module, AdaptedLinear) else module
+        suffix = ".vera_lambda_d" if isinstance(config, VeraConfig) else ".lora_A" if isinstance(config, AdaLoraConfig) \
+            else ".lora_embedding_A" if isinstance(base, nn.Embedding) else ".lora_A.weight"
+        key, rank = f"{PREFIX}{path}{suffix}", config.rank_for(path)
+        if key not in tensors:
+            raise ValueError(f"{file}: missing tensor {key}")
+        shape = tuple(tensors[key].shape)
+        if not shape or shape[0] != rank:
+            raise ValueError(f"{file}: tensor {key} has shape {shape} but the config gives {path} rank {rank}")
 
 
 def load_adapter(
@@ -201,14 +236,18 @@ def load_adapter(
 ) -> nn.Module:
     """Add the PEFT adapter at `path` (written by PEFT or lorakit) to `model` as `adapter_name` and activate it.
 
-    Every tensor is checked before anything is kept: a missing, unexpected or misshapen tensor is an error that names
-    it, and the model is left as it was.
+    All or nothing: the config is checked in full and the file's tensors (dtypes, and the ranks the config implies)
+    before the model is touched; a missing, unexpected, misshapen or non-finite tensor found while filling the
+    adapter is an error that names it, and the model is restored exactly as it was (modules, adapters, active
+    adapters, requires_grad flags, weights).
     """
-    config = read_adapter_config(path)
-    tensors = read_adapter_tensors(path)
-    _grow_vocabulary(model, Path(path), config)
-    adapt(model, config, adapter_name)
-    try:
+    directory = Path(path)
+    config = read_adapter_config(directory)
+    tensors = read_adapter_tensors(directory)
+    file = directory / WEIGHTS_NAME
+    _check_ranks(model, config, tensors, file)
+
+    def fill() -> None:
         expected = adapter_state_dict(model, adapter_name)
         optional = {"base_model.vera_A", "base_model.vera_B"} if isinstance(config, VeraConfig) else set()
         for layer_path, layer in adapted_layers(model):  # PEFT saves an embedding that carries LoRA whole
@@ -217,10 +256,11 @@ def load_adapter(
                 key = f"{PREFIX}{layer_path}.base_layer.weight"
                 expected[key] = layer.base_layer.weight.detach()
                 optional.add(key)
-        _copy_into(expected, tensors, config, optional, Path(path) / WEIGHTS_NAME)
-    except Exception:
-        delete_adapter(model, adapter_name)
-        raise
+        _copy_into(expected, tensors, config, optional, file)
+
+    with all_or_nothing(model):
+        _grow_vocabulary(model, directory, config)
+        adapt_checked(model, config, adapter_name, every_name=False, fill=fill)
     return model
 
 
@@ -255,8 +295,9 @@ def _copy_into(expected: dict[str, Tensor], found: dict[str, Tensor], config: Ad
                 raise ValueError(
                     f"{file}: tensor {key} has shape {tuple(source.shape)} but the model needs {tuple(target.shape)}"
                 )
+            source = source.to(target.dtype)
             if not torch.isfinite(source).all():
-                raise ValueError(f"{file}: tensor {key} holds non-finite values")
+                raise ValueError(f"{file}: tensor {key} holds non-finite values (NaN or Inf in {target.dtype})")
             target.copy_(source)
 
 
