@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypedDict
@@ -108,7 +109,7 @@ def record_format(record: object, where: str) -> str:
     """
     if json_type(record) != "object":
         raise ValueError(f"{where}: expected a JSON object, got {json_type(record)}")
-    unknown = sorted(set(record) - _KNOWN_FIELDS)
+    unknown = sorted(set(record) - _KNOWN_FIELDS, key=repr)  # keys of in-memory records need not be strings
     if unknown:
         raise ValueError(f"{where}: unknown field {_unknown(unknown[0], _KNOWN_FIELDS)} (formats: {_format_list()})")
     fields = frozenset(record)
@@ -129,8 +130,10 @@ def _format_list() -> str:
     return " | ".join("+".join(sorted(fields)) for fields in FORMATS.values())
 
 
-def _unknown(name: str, known: Collection[str]) -> str:
+def _unknown(name: object, known: Collection[str]) -> str:
     """`name` quoted, with the close matches among `known` when there are some."""
+    if not isinstance(name, str):
+        return reprlib.repr(name)
     close = difflib.get_close_matches(name, sorted(known), n=3)
     return shorten(name) + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
 
@@ -153,7 +156,7 @@ def _check_messages(messages: object, where: str) -> None:
         what = f"{where}: messages[{i}]"
         if json_type(message) != "object":
             raise ValueError(f"{what} must be an object with 'role' and 'content', got {json_type(message)}")
-        extra = sorted(set(message) - _MESSAGE_FIELDS)
+        extra = sorted(set(message) - _MESSAGE_FIELDS, key=repr)
         if extra:
             raise ValueError(f"{what}: unknown field {_unknown(extra[0], _MESSAGE_FIELDS)}")
         missing = sorted(_MESSAGE_FIELDS - set(message))
