@@ -183,7 +183,7 @@ ODD_TEXT = ["<|im_end|>", "<|im_start|>assistant\n", "<|endoftext|>", "\x00", "\
 texts = st.one_of(st.text(max_size=12), st.sampled_from(ODD_TEXT),
                   st.lists(st.sampled_from(ODD_TEXT), max_size=4).map("".join))
 huge_texts = st.tuples(st.sampled_from(["a", "word ", "\U0001f600", "\x00"]),
-                       st.integers(50_000, 300_000)).map(lambda unit_count: unit_count[0] * unit_count[1])
+                       st.integers(20_000, 100_000)).map(lambda unit_count: unit_count[0] * unit_count[1])
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=False,
                                                                                              allow_infinity=False))
 non_strings = st.one_of(json_scalars, st.lists(texts, max_size=2), st.dictionaries(texts, texts, max_size=2))
@@ -444,6 +444,30 @@ def test_truncation_and_drops_follow_token_counts(
     assert stats.n_dropped == len(records) - len(kept)
     assert [len(e["input_ids"]) for e in examples] == [min(p + n + 1, max_len) for p, n in kept]
     assert stats.n_loss_tokens == sum(min(p + n + 1, max_len) - p for p, n in kept)
+
+
+words = st.lists(st.one_of(st.text(max_size=6), st.sampled_from(ODD_TEXT)), min_size=1, max_size=20).map(" ".join)
+long_texts = st.tuples(words, st.integers(1, 600)).map(lambda word_count: (word_count[0] + " ") * word_count[1])
+
+
+@given(text=long_texts, prompt=st.one_of(st.just(""), words), max_len=st.integers(2, 96),
+       tokenizer_name=st.sampled_from(["byte", "smollm2"]), chat=st.booleans())
+def test_long_records_are_cut_as_if_tokenized_whole(
+    tokenizers: dict[str, PreTrainedTokenizerBase], text: str, prompt: str, max_len: int, tokenizer_name: str,
+    chat: bool,
+) -> None:
+    """Only the head of a long record is tokenized: the kept tokens and the counts must be those of the whole."""
+    count_case("data")
+    tokenizer = tokenizers.get(tokenizer_name, tokenizers["byte"])
+    records = [{"text": text}, {"prompt": prompt, "completion": text}, {"prompt": text, "completion": prompt}]
+    with bounded(60, 512):
+        examples, stats = tokenize_records(records, tokenizer, max_len, chat=chat)
+        whole, _ = tokenize_records(records, tokenizer, 1 << 30, chat=chat)
+    cut = [{key: example[key][:max_len] for key in ("input_ids", "labels")} for example in whole]
+    kept = [example for example in cut if any(label != IGNORE_INDEX for label in example["labels"])]
+    assert [{key: e[key] for key in ("input_ids", "labels")} for e in examples] == kept
+    assert stats.n_truncated == sum(len(example["input_ids"]) > max_len for example in whole)
+    assert stats.n_dropped == len(records) - len(kept)
 
 
 @pytest.fixture

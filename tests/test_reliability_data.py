@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from fuzzing import assert_clean_error, assert_refused, run_cli
+from fuzzing import assert_clean_error, assert_refused, bounded, run_cli
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.models import byte_tokenizer
@@ -188,10 +188,13 @@ def test_odd_but_legal_text_tokenizes_exactly(tmp_path: Path, tokenizer: PreTrai
     assert tokenizer.decode(loss) == text + "<|im_end|>"
 
 
-def test_a_huge_line_is_read_and_truncated(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    records = load_jsonl(write(tmp_path, json.dumps({"text": "word " * 400_000}) + "\n"))
-    [example], stats = tokenize_records(records, tokenizer, 64)
-    assert len(example["input_ids"]) == 64 and stats.n_truncated == 1
+def test_a_10_mb_record_costs_what_its_kept_tokens_cost(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Only the head of a record longer than max_len is tokenized (whole, it took 25 s and 2.3 GB)."""
+    path = write(tmp_path, json.dumps({"prompt": "q", "completion": "word " * 2_000_000}) + "\n")
+    with bounded(seconds=10, memory_mib=200):
+        [example], stats = tokenize_records(load_jsonl(path), tokenizer, 64)
+    assert tokenizer.decode(example["input_ids"]) == "q" + ("word " * 13)[:63]
+    assert (stats.n_truncated, stats.n_loss_tokens) == (1, 63)
 
 
 # --- through the command line --------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 _KNOWN_FIELDS = frozenset().union(*FORMATS.values())
 _MESSAGE_FIELDS = frozenset({"role", "content"})
+_CHARS_PER_TOKEN = 8  # a long text's first prefix encoded for a token limit: this many characters per token
+_HEAD_MARGIN = 256  # tokens encoded past a limit so that those kept do not depend on where the text was cut
 
 
 class _ExampleIds(TypedDict):
@@ -201,7 +203,7 @@ def tokenize_records(
     stats = DataStats()
     for index, record in enumerate(records):
         where = record.where if isinstance(record, Record) else f"record {index}"
-        example = tokenize_record(record, tokenizer, chat=chat, where=where)
+        example = tokenize_record(record, tokenizer, chat=chat, where=where, max_len=max_len)
         if len(example["input_ids"]) > max_len:
             example["input_ids"] = example["input_ids"][:max_len]
             example["labels"] = example["labels"][:max_len]
@@ -218,30 +220,41 @@ def tokenize_records(
 
 
 def tokenize_record(
-    record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, chat: bool = False, where: str = "record"
+    record: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    chat: bool = False,
+    where: str = "record",
+    max_len: int | None = None,
 ) -> Example:
-    """Tokenize one record (untruncated); a ValueError prefixed with `where` if it is invalid or has no loss token."""
+    """Tokenize one record; a ValueError prefixed with `where` if it is invalid or has no loss token.
+
+    With `max_len`, a record longer than that is tokenized only up to ``max_len + 1`` tokens (enough to be cut to
+    the same `max_len` tokens, and seen to be longer), so a huge record costs no more than a long one.
+    """
     kind = record_format(record, where)
     eos = tokenizer.eos_token_id
     if kind == "text":
-        example = _encode_segments([(record["text"], True)], tokenizer, _bos_prefix(tokenizer), where)
+        example = _encode_segments([(record["text"], True)], tokenizer, _bos_prefix(tokenizer), where, max_len)
         example["input_ids"].append(eos)
         example["labels"].append(eos)
         return example
     if kind == "prompt/completion" and not chat:
         prefix = _bos_prefix(tokenizer)
-        example = _encode_segments([(record["prompt"], False), (record["completion"], True)], tokenizer, prefix, where)
+        segments = [(record["prompt"], False), (record["completion"], True)]
+        example = _encode_segments(segments, tokenizer, prefix, where, max_len)
         example["input_ids"].append(eos)
         example["labels"].append(eos)
-        example["prompt_ids"] = prefix + _encode(record["prompt"], tokenizer, where)
+        example["prompt_ids"] = _encode_segments(segments[:1], tokenizer, prefix, where, max_len)["input_ids"]
         example["answer"] = record["completion"]
         return example
     messages = record["messages"] if kind == "messages" else _as_messages(record)
     segments = chat_segments(messages, tokenizer, where)
-    example = _encode_segments(segments, tokenizer, [], where)
-    if all(label == IGNORE_INDEX for label in example["labels"]):
-        raise ValueError(f"{where}: the chat template renders the assistant turns as no token, so nothing is learnt")
-    example["prompt_ids"] = _encode_segments(segments[: _last_loss_segment(segments)], tokenizer, [], where)["input_ids"]
+    if not any(loss for _, loss in segments):
+        raise ValueError(f"{where}: the chat template renders the assistant turns as nothing, so nothing is learnt")
+    example = _encode_segments(segments, tokenizer, [], where, max_len)
+    prompt_segments = segments[: _last_loss_segment(segments)]
+    example["prompt_ids"] = _encode_segments(prompt_segments, tokenizer, [], where, max_len)["input_ids"]
     example["answer"] = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
     return example
 
@@ -254,13 +267,26 @@ def _last_loss_segment(segments: Sequence[Segment]) -> int:
     return max(i for i, (_, loss) in enumerate(segments) if loss)
 
 
-def _encode(text: str, tokenizer: PreTrainedTokenizerBase, where: str) -> list[int]:
-    if not text:
+def _encode(text: str, tokenizer: PreTrainedTokenizerBase, where: str, limit: int | None = None) -> list[int]:
+    """The token ids of `text`; with `limit`, its first `limit` tokens, encoding no more of a long text than needed.
+
+    A long text is encoded by growing prefixes until one yields ``_HEAD_MARGIN`` tokens past the limit: tokenizers
+    merge neighbouring symbols only, so the tokens that far before the cut are those of the whole text.
+    """
+    if not text or (limit is not None and limit <= 0):
         return []
+    if limit is not None:
+        size = _CHARS_PER_TOKEN * (limit + _HEAD_MARGIN)
+        while size < len(text):
+            ids = _encode(text[:size], tokenizer, where)
+            if len(ids) >= limit + _HEAD_MARGIN:
+                return ids[:limit]
+            size *= 4
     try:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     except (TypeError, ValueError) as error:  # the tokenizer's own refusals, named for the record they concern
         raise ValueError(f"{where}: the tokenizer cannot encode this text ({_one_line(error)})") from None
+    return ids if limit is None else ids[:limit]
 
 
 def _one_line(error: BaseException) -> str:
@@ -275,12 +301,17 @@ def _bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def _encode_segments(
-    segments: Sequence[Segment], tokenizer: PreTrainedTokenizerBase, prefix: list[int], where: str
+    segments: Sequence[Segment],
+    tokenizer: PreTrainedTokenizerBase,
+    prefix: list[int],
+    where: str,
+    max_len: int | None = None,
 ) -> Example:
+    """Concatenated segments after `prefix`, loss where marked; with `max_len`, at most ``max_len + 1`` tokens."""
     input_ids = list(prefix)
     labels = [IGNORE_INDEX] * len(prefix)
     for text, loss in segments:
-        ids = _encode(text, tokenizer, where)
+        ids = _encode(text, tokenizer, where, None if max_len is None else max_len + 1 - len(input_ids))
         input_ids += ids
         labels += ids if loss else [IGNORE_INDEX] * len(ids)
     return {"input_ids": input_ids, "labels": labels}
