@@ -101,6 +101,9 @@ def initialize_from_base(layer: AdaptedLinear, delta: LoRADelta, config: LoraCon
     else:
         niter = int(init.rsplit("_", 1)[1]) if init.startswith("pissa_niter_") else None
         a, b = pissa_factors(weight, r, scale, niter)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all() and torch.isfinite(weight - scale * (b @ a)).all()):
+        raise ValueError(f"init_lora_weights={init!r} gives non-finite factors with scaling {scale:g} (PiSSA and LoftQ "
+                         "divide by it: lora_alpha must be positive and not tiny)")
     with torch.no_grad():
         delta.lora_A.copy_(a)
         delta.lora_B.copy_(b)
