@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 import torch
 from fuzzing import assert_clean_error, assert_refused, bounded, count_case, run_cli
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
@@ -43,7 +43,7 @@ from lorakit.formats.checkpoint import Checkpoint
 from lorakit.training import Trainer
 from lorakit.training.checkpoint import read_checkpoint, remove_stale_temporaries, seal
 
-STEPS, KILLED_AT = 6, 3
+STEPS, KILLED_AT = 4, 3
 FLAGS = ["--model", "tiny-llama", "--batch-size", "4", "--builtin-train-size", "16", "--eval-samples", "0",
          "--seq-len", "64", "--max-steps", str(STEPS), "--save-every", "1", "--log-every", "1", "--dropout", "0.1",
          "--seed", "3", "--dtype", "float32"]
@@ -310,6 +310,7 @@ def _assert_resumed(outcome: Any, out: Path, runs: Runs, note: bool | None, made
         assert running or path.name in outcome.stdout
 
 
+@settings(max_examples=max(5, settings.default.max_examples // 3))  # a resumed run trains: the costly cases
 @given(layout=st.sampled_from(LAYOUTS), old_pid=st.sampled_from(PID_KINDS),
        damage=st.lists(damages, max_size=3), resealed=st.booleans(), extra=st.lists(leftovers, max_size=2))
 def test_resume_continues_from_a_whole_checkpoint_or_refuses(
