@@ -450,16 +450,21 @@ words = st.lists(st.one_of(st.text(max_size=6), st.sampled_from(ODD_TEXT)), min_
 long_texts = st.tuples(words, st.integers(1, 600)).map(lambda word_count: (word_count[0] + " ") * word_count[1])
 
 
-@given(text=long_texts, prompt=st.one_of(st.just(""), words), max_len=st.integers(2, 96),
-       tokenizer_name=st.sampled_from(["byte", "smollm2"]), chat=st.booleans())
+long_conversations = st.lists(words, min_size=1, max_size=120).map(
+    lambda contents: [{"role": ("user", "assistant")[i % 2], "content": c} for i, c in enumerate(contents + ["."])])
+
+
+@given(text=long_texts, prompt=st.one_of(st.just(""), words), turns=long_conversations, max_len=st.integers(2, 96),
+       tokenizer_name=st.sampled_from(["byte", "fallback", "smollm2"]), chat=st.booleans())
 def test_long_records_are_cut_as_if_tokenized_whole(
-    tokenizers: dict[str, PreTrainedTokenizerBase], text: str, prompt: str, max_len: int, tokenizer_name: str,
-    chat: bool,
+    tokenizers: dict[str, PreTrainedTokenizerBase], text: str, prompt: str, turns: list[dict[str, str]],
+    max_len: int, tokenizer_name: str, chat: bool,
 ) -> None:
     """Only the head of a long record is tokenized: the kept tokens and the counts must be those of the whole."""
     count_case("data")
     tokenizer = tokenizers.get(tokenizer_name, tokenizers["byte"])
-    records = [{"text": text}, {"prompt": prompt, "completion": text}, {"prompt": text, "completion": prompt}]
+    records = [{"text": text}, {"prompt": prompt, "completion": text}, {"prompt": text, "completion": prompt},
+               {"messages": turns}]
     with bounded(60, 512):
         examples, stats = tokenize_records(records, tokenizer, max_len, chat=chat)
         whole, _ = tokenize_records(records, tokenizer, 1 << 30, chat=chat)

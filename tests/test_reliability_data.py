@@ -197,6 +197,15 @@ def test_a_10_mb_record_costs_what_its_kept_tokens_cost(tmp_path: Path, tokenize
     assert (stats.n_truncated, stats.n_loss_tokens) == (1, 63)
 
 
+def test_a_2000_turn_conversation_renders_only_what_is_kept(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Masks come from rendering prefixes; past max_len (plus a margin) rendering stops (whole, it took 34 s)."""
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"m{i}"} for i in range(2000)]
+    with bounded(seconds=5, memory_mib=100):
+        [example], stats = tokenize_records([{"messages": turns}], tokenizer, 512)
+    assert (len(example["input_ids"]), stats.n_truncated) == (512, 1)
+    assert "prompt_ids" not in example and "answer" not in example  # a cut conversation is not scored
+
+
 # --- through the command line --------------------------------------------------------------------------------
 
 

@@ -192,7 +192,8 @@ def tokenize_records(
     """Tokenize records into examples of at most `max_len` tokens (longer ones are cut at the end and counted).
 
     `chat` renders prompt/completion records through the chat template (one user and one assistant turn).
-    Examples whose loss tokens were all cut away are dropped and counted in ``n_dropped``. Errors name a
+    Examples whose loss tokens were all cut away are dropped and counted in ``n_dropped``; those cut keep no
+    ``prompt_ids``/``answer`` (their exact match cannot be scored within `max_len`). Errors name a
     `Record`'s ``file:line``, or ``record <index>`` (0-based) for plain dicts.
     """
     if max_len < 2:
@@ -205,8 +206,7 @@ def tokenize_records(
         where = record.where if isinstance(record, Record) else f"record {index}"
         example = tokenize_record(record, tokenizer, chat=chat, where=where, max_len=max_len)
         if len(example["input_ids"]) > max_len:
-            example["input_ids"] = example["input_ids"][:max_len]
-            example["labels"] = example["labels"][:max_len]
+            example = {"input_ids": example["input_ids"][:max_len], "labels": example["labels"][:max_len]}
             stats.n_truncated += 1
         loss_tokens = sum(label != IGNORE_INDEX for label in example["labels"])
         if loss_tokens == 0:
@@ -249,7 +249,7 @@ def tokenize_record(
         example["answer"] = record["completion"]
         return example
     messages = record["messages"] if kind == "messages" else _as_messages(record)
-    segments = chat_segments(messages, tokenizer, where)
+    segments = chat_segments(messages, tokenizer, where, max_len)
     if not any(loss for _, loss in segments):
         raise ValueError(f"{where}: the chat template renders the assistant turns as nothing, so nothing is learnt")
     example = _encode_segments(segments, tokenizer, [], where, max_len)
@@ -318,11 +318,16 @@ def _encode_segments(
 
 
 def chat_segments(
-    messages: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase, where: str = "record"
+    messages: Sequence[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    where: str = "record",
+    max_len: int | None = None,
 ) -> list[Segment]:
     """Split a templated conversation into text segments, marking assistant replies (through EOS) as loss-bearing.
 
     Each reply's span is what rendering ``messages[:i+1]`` adds to ``messages[:i]`` with the generation prompt.
+    With `max_len`, rendering stops after the reply that takes the conversation ``_HEAD_MARGIN`` tokens past
+    `max_len` (what follows would be cut away), so a long conversation costs what its kept tokens cost.
     """
     template = None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
     eos = tokenizer.eos_token or ""
@@ -337,6 +342,7 @@ def chat_segments(
 
     segments: list[Segment] = []
     done = ""
+    count_at = 0 if max_len is None else max_len  # rendered characters at which to count the tokens next
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -347,6 +353,12 @@ def chat_segments(
         cut = reply.rfind(eos) + len(eos) if eos and eos in reply else len(reply)
         segments += [(start[len(done) :], False), (reply[:cut], True), (reply[cut:], False)]
         done = end
+        if max_len is not None and len(done) >= count_at:
+            head = _merge_segments(segments)
+            limit = max_len + _HEAD_MARGIN
+            if len(_encode_segments(head, tokenizer, [], where, limit)["input_ids"]) > limit:
+                return head
+            count_at = 2 * len(done)
     full = render(len(messages), False)
     _require_prefix(done, full, where)
     segments.append((full[len(done) :], False))
