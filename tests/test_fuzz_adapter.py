@@ -208,8 +208,8 @@ REGEXES = st.sampled_from([
     ".*q_proj", ".*(q|v)_proj", r"model\.layers\.\d+\.self_attn\.(q_proj|v_proj)", ".*_proj", "(", "(a+)+b",
     r".*\.(q|v)_proj$", "q_proj", ".*.*.*.*x", "[", "all-linear", ".*", "x" * 1001,
 ]) | st.text(alphabet="qvkolm_pr.*+?()[]|\\{},0123456789^$", max_size=24)
-LISTS = st.lists(st.sampled_from(["q_proj", "v_proj", "k_proj", "qproj", "lm_head", "embed_tokens", "", "self_attn.q_proj",
-                                  "layers.0.self_attn.v_proj", "nonexistent"]), max_size=4)
+LISTS = st.lists(st.sampled_from(["q_proj", "v_proj", "k_proj", "qproj", "lm_head", "embed_tokens", "",
+                                  "self_attn.q_proj", "layers.0.self_attn.v_proj", "nonexistent"]), max_size=4)
 PATTERN_KEYS = st.sampled_from(["q_proj", "v_proj", "k_proj", "layers.0.self_attn.q_proj", "(", "q_proj|v_proj", "",
                                 "(a+)+"]) | st.text(alphabet="qv_proj.*(", max_size=8)
 NUMBERS = st.sampled_from([0, 1, 4, 8, -1, 2**31, 10**6, 10**12, 4.0, 0.5, -0.0, 1e39, float("inf"),
@@ -238,8 +238,10 @@ EDITS = st.lists(st.one_of(
     st.tuples(st.just("delete"), st.sampled_from(sorted(FIELDS)), st.none()),
     st.tuples(st.just("unknown"), st.text(min_size=1, max_size=10).filter(lambda k: k not in FIELDS), JUNK),
 ), min_size=1, max_size=4)
-RAW_CONFIGS = st.sampled_from([b"", b"[]", b'"LORA"', b"{", b"\xff\xfe{}", b'{"peft_type": "LORA", "r": 1' + b"0" * 5000
-                               + b"}", b'{"a":' + b"[" * 50 + b"]" * 50 + b"}", b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}"])
+RAW_CONFIGS = st.sampled_from([
+    b"", b"[]", b'"LORA"', b"{", b"\xff\xfe{}", b'{"peft_type": "LORA", "r": 1' + b"0" * 5000 + b"}",
+    b'{"a":' + b"[" * 50 + b"]" * 50 + b"}", b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}",
+])
 
 
 @given(edits=EDITS, raw=st.none() | RAW_CONFIGS)
@@ -389,3 +391,58 @@ def test_fresh_adapter_configs(options: dict[str, Any]) -> None:
     if error is None:
         assert lorakit.adapter_configs(model)["second"].r == options["r"]
         assert all(layer.active == ["second"] for _, layer in adapted_layers(model) if "second" in layer.adapters)
+
+
+@functools.cache
+def valid_vera_files(directory: str) -> tuple[dict[str, Any], bytes]:
+    """A valid VeRA adapter (r=4 on q_proj and v_proj, projections regenerated from the seed)."""
+    config = lorakit.VeraConfig(target_modules=["q_proj", "v_proj"], r=RANK, save_projection=False)
+    model = lorakit.adapt(tiny_llama(), config)
+    randomize_adapters(model, seed=5)
+    saved = lorakit.save_adapter(model, directory)
+    return json.loads((saved / CONFIG_NAME).read_text()), (saved / WEIGHTS_NAME).read_bytes()
+
+
+VERA_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "r": NUMBERS, "projection_prng_key": NUMBERS | st.integers(-(2**65), 2**65),
+    "save_projection": st.sampled_from([True, False, "true", 1, None]),
+    "vera_dropout": NUMBERS | st.floats(-1, 2), "d_initial": NUMBERS,
+    "target_modules": REGEXES | LISTS | st.none(), "peft_type": st.sampled_from(["VERA", "LORA", "vera", None]),
+}
+
+
+def vera_verdict(data: dict[str, Any]) -> bool:
+    """VeRA's rules: r an integer equal to the file's rank, the seed an integer torch accepts ([-2^63, 2^64 - 1]),
+    flags JSON booleans, dropout in [0, 1), d_initial a finite float32 number, the file's modules selected."""
+    get = data.get
+    dropout, targets = get("vera_dropout", 0.0), get("target_modules")
+    if not (get("peft_type") == "VERA" and is_int(get("r", 256), 1) and is_int(get("projection_prng_key", 0), -(2**63),
+                                                                             2**64 - 1)
+            and type(get("save_projection", True)) is bool and is_number(dropout) and math.isfinite(dropout)
+            and 0 <= dropout < 1 and finite32(get("d_initial", 0.1))
+            and (type(targets) is str and compiles(targets) or names(targets))):
+        return False
+    chosen = [p for p in candidates() if selects(targets, p)] if targets != "all-linear" else ["all linear layers"]
+    return sorted(chosen) == sorted(LAYERS) and get("r", 256) == RANK
+
+
+@given(edits=st.lists(st.sampled_from(sorted(VERA_FIELDS)).flatmap(
+    lambda key: st.tuples(st.just(key), VERA_FIELDS[key], st.booleans())),
+    min_size=1, max_size=3))
+def test_mutated_vera_configs(workdir: Path, edits: list[tuple[str, Any, bool]]) -> None:
+    count_case("adapter")
+    data, weights = valid_vera_files(str(workdir / "vera"))
+    config = dict(data)
+    for key, value, delete in edits:
+        if delete:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    directory = write_dir(workdir / "vera-case", json.dumps(config).encode(), weights)
+    model = copy.deepcopy(base())
+    before = model_state(model)
+    error = attempt(model, lambda: lorakit.load_adapter(model, directory, "second"))
+    judge(model, before, error, lambda: vera_verdict(config), workdir / "vera")
+    if error is None:
+        loaded = adapter_state_dict(model, "second")
+        assert all(torch.equal(loaded[key], value.float()) for key, value in load_bytes(weights).items())

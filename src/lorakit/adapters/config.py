@@ -66,8 +66,10 @@ def _number(low: float = -FLOAT32_MAX, high: float = FLOAT32_MAX, open_low: bool
     shown = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
 
     def check(value: Any, name: str) -> float:
+        above = isinstance(value, (int, float)) and (low < value if open_low else low <= value)
+        below = isinstance(value, (int, float)) and (value < high if open_high else value <= high)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not (low < value if open_low else low <= value) or not (value < high if open_high else value <= high):
+                or not (above and below):
             raise _refuse(name, f"a finite number in {shown}", value)
         return value
     return check
@@ -383,7 +385,8 @@ def config_from_peft_dict(data: dict[str, Any], source: str = "adapter_config.js
         elif key in _PEFT_INERT_KEYS and _is_off(key, value):
             continue
         else:
-            warnings.warn(f"{source}: option {key}={_SHOW.repr(value)} is not supported by lorakit and is ignored", stacklevel=2)
+            warnings.warn(f"{source}: option {key}={_SHOW.repr(value)} is not supported by lorakit and is ignored",
+                          stacklevel=2)
     if peft_type == "VERA" and data.get("init_weights") is False:
         warnings.warn(f"{source}: init_weights=False only changes initialisation; loaded weights are used", stacklevel=2)
     try:

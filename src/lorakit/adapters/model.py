@@ -115,7 +115,8 @@ def adapt_checked(model: nn.Module, config: AdapterConfig, adapter_name: str, ev
     return model
 
 
-def _add(model: nn.Module, config: AdapterConfig, adapter_name: str, targets: list[str], saved_paths: list[str]) -> None:
+def _add(model: nn.Module, config: AdapterConfig, adapter_name: str, targets: list[str],
+         saved_paths: list[str]) -> None:
     """Wrap the targets and add the adapter everywhere (`adapt`, inside its transaction)."""
     configs = adapter_configs(model)
     layers = {path: _wrap(model, path) for path in targets}

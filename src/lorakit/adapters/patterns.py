@@ -71,7 +71,8 @@ def safe_regex(pattern: str, what: str) -> re.Pattern[str]:
         compiled = re.compile(pattern)
         problem = _problem(sre_parser.parse(pattern), False, [0])
     except (re.error, RecursionError, OverflowError, ValueError) as error:
-        raise ValueError(f"{what} regex {shown} is invalid ({str(error).splitlines()[0]})") from None
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"{what} regex {shown} is invalid ({reason})") from None
     if problem:
         raise ValueError(f"{what} regex {shown} is refused: {problem}")
     return compiled
@@ -80,7 +81,7 @@ def safe_regex(pattern: str, what: str) -> re.Pattern[str]:
 def regex_matches(pattern: str, path: str, what: str, whole: bool = True) -> bool:
     """Does `pattern` fullmatch (or, with whole=False, match from the start) module path `path`?"""
     if len(path) > MAX_PATH_CHARS:
-        raise ValueError(f"module path {path[:60]!r}... has {len(path)} characters: {what} regexes are matched on paths "
-                         f"of at most {MAX_PATH_CHARS}")
+        raise ValueError(f"module path {path[:60]!r}... has {len(path)} characters: {what} regexes are matched on "
+                         f"paths of at most {MAX_PATH_CHARS}")
     compiled = safe_regex(pattern, what)
     return (compiled.fullmatch(path) if whole else compiled.match(path)) is not None

@@ -10,6 +10,7 @@ A target that matches nothing is an error that names the closest module paths.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterator
 
 from torch import nn
@@ -20,6 +21,11 @@ from .layer import AdaptedLinear
 from .patterns import regex_matches
 
 ALL_LINEAR = "all-linear"
+SHOWN_NAMES = 5  # unmatched names a message shows (and finds close matches for)
+MAX_NAME_CHARS = 200
+_SHOW = reprlib.Repr()
+_SHOW.maxlist = _SHOW.maxtuple = SHOWN_NAMES
+_SHOW.maxstring = MAX_NAME_CHARS
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -89,14 +95,16 @@ def find_targets(model: nn.Module, target_modules: TargetSpec, exclude_modules: 
 
 
 def _no_match_message(model: nn.Module, spec: TargetSpec, candidates: list[str]) -> str:
+    """Which names match nothing, with the close matches of the first few (long lists are abridged)."""
     keys = [spec] if isinstance(spec, str) else list(spec or ())
     all_paths = [name for name, _ in model.named_modules() if name]
     names = sorted({path.rsplit(".", 1)[-1] for path in candidates} | set(candidates))
     suggestions: list[str] = []
-    for key in keys:
-        suggestions += difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-    non_linear = [k for k in keys if any(p == k or p.endswith("." + k) for p in all_paths)]
-    message = f"target_modules={spec!r} matches no linear layer of {type(model).__name__}."
+    for key in keys[:SHOWN_NAMES]:
+        suggestions += difflib.get_close_matches(key[:MAX_NAME_CHARS], names, n=3, cutoff=0.5)
+    non_linear = [k for k in keys[:SHOWN_NAMES] if any(p == k or p.endswith("." + k) for p in all_paths)]
+    shown = _SHOW.repr(spec)
+    message = f"target_modules={shown} matches no linear layer of {type(model).__name__}."
     if non_linear:
         message += f" {non_linear} exist but are not linear layers (nn.Linear, Conv1D, NF4Linear)."
     if suggestions:

@@ -47,7 +47,8 @@ def read_json_object(file: Path, kind: str) -> dict[str, Any]:
     except RecursionError:
         raise ValueError(f"{file}: invalid JSON (nested deeper than {MAX_JSON_DEPTH} levels)") from None
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-        raise ValueError(f"{file}: invalid JSON ({str(error).splitlines()[0][:200]})") from None
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"{file}: invalid JSON ({reason})") from None
     problem = "expected a JSON object" if not isinstance(data, dict) else \
         f"invalid JSON (nested deeper than {MAX_JSON_DEPTH} levels)" if _depth(data) > MAX_JSON_DEPTH else None
     if problem:

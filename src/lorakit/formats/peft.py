@@ -202,13 +202,14 @@ def read_adapter_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 dtype = handle.get_slice(key).get_dtype()
                 if dtype not in FLOAT_DTYPES:
-                    raise ValueError(f"{file}: tensor {key} has dtype {dtype}; adapter tensors are floating point "
-                                     f"({', '.join(FLOAT_DTYPES)})")
+                    raise ValueError(f"{file}: tensor {_shown(key)} has dtype {dtype}; adapter tensors are floating "
+                                     f"point ({', '.join(FLOAT_DTYPES)})")
                 tensors[key] = handle.get_tensor(key)
             return tensors
     except (SafetensorError, OSError, RuntimeError, OverflowError, UnicodeError) as error:
-        where = f" (tensor {key})" if key is not None else ""
-        raise ValueError(f"{file}: corrupted or not a safetensors file{where}: {str(error).splitlines()[0]}") from None
+        where = f" (tensor {_shown(key)})" if key is not None else ""
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"{file}: corrupted or not a safetensors file{where}: {reason}") from None
 
 
 def _check_ranks(model: nn.Module, config: AdapterConfig, tensors: dict[str, Tensor], file: Path) -> None:
@@ -221,8 +222,9 @@ def _check_ranks(model: nn.Module, config: AdapterConfig, tensors: dict[str, Ten
     for path in targets:
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, AdaptedLinear) else module
-        suffix = ".vera_lambda_d" if isinstance(config, VeraConfig) else ".lora_A" if isinstance(config, AdaLoraConfig) \
-            else ".lora_embedding_A" if isinstance(base, nn.Embedding) else ".lora_A.weight"
+        suffix = ".vera_lambda_d" if isinstance(config, VeraConfig) else \
+            ".lora_A" if isinstance(config, AdaLoraConfig) else \
+            ".lora_embedding_A" if isinstance(base, nn.Embedding) else ".lora_A.weight"
         key, rank = f"{PREFIX}{path}{suffix}", config.rank_for(path)
         if key not in tensors:
             raise ValueError(f"{file}: missing tensor {key}")
@@ -284,7 +286,7 @@ def _copy_into(expected: dict[str, Tensor], found: dict[str, Tensor], config: Ad
         raise ValueError(f"{file}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
     if unexpected:
         hint = _unexpected_hint(unexpected[0], config)
-        raise ValueError(f"{file}: unexpected tensor {unexpected[0]}{hint}" + (
+        raise ValueError(f"{file}: unexpected tensor {_shown(unexpected[0])}{hint}" + (
             f" (and {len(unexpected) - 1} more)" if unexpected[1:] else ""))
     with torch.no_grad():
         for key, target in expected.items():
@@ -299,6 +301,11 @@ def _copy_into(expected: dict[str, Tensor], found: dict[str, Tensor], config: Ad
             if not torch.isfinite(source).all():
                 raise ValueError(f"{file}: tensor {key} holds non-finite values (NaN or Inf in {target.dtype})")
             target.copy_(source)
+
+
+def _shown(key: str) -> str:
+    """A tensor name from a file as one short line (names are any string in safetensors)."""
+    return key if key.isprintable() and len(key) <= 200 else repr(key[:200]) + ("..." if len(key) > 200 else "")
 
 
 def _unexpected_hint(key: str, config: AdapterConfig) -> str:
