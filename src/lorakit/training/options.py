@@ -25,7 +25,8 @@ from typing import Any
 INT_MAX = 2**63 - 1  # what torch takes as a seed or a count
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
-_MAX_DIGITS = 4000  # below Python's int-parsing limit; any such integer is out of every range here anyway
+_MAX_DIGITS = 4000
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits on one file name and a whole path, in bytes  # below Python's int-parsing limit; any such integer is out of every range here anyway
 
 _SHOW = reprlib.Repr()
 _SHOW.maxstring = _SHOW.maxother = 60
@@ -198,21 +199,26 @@ def _kind(path: Path, flag: str, given: str) -> str:
         return "missing"
     except OSError as error:
         if error.errno == errno.ENOTDIR:
-            return "missing"  # a parent is a file: found by the walk up
+            raise NotADirectoryError(f"{flag} {quote(given)}: a part of the path is not a directory") from None
         raise ValueError(f"{flag} {quote(given)}: {error.strerror}") from None
     except ValueError:
         raise ValueError(f"{flag} {quote(given)}: must not contain a NUL character") from None
     return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
 
 
+def _check_name_length(path: Path, flag: str, given: str) -> None:
+    """File names (each part) of at most NAME_MAX bytes, the whole at most PATH_MAX: a longer one fails only once
+    something is written, after the work."""
+    if len(os.fsencode(given)) >= PATH_MAX or any(len(os.fsencode(part)) > NAME_MAX for part in path.parts):
+        raise ValueError(f"{flag} {quote(given)}: file name too long")
+
+
 def _check_parent(path: Path, flag: str, given: str) -> None:
-    """The nearest existing ancestor of `path` is a directory this process may create entries in."""
+    """The nearest existing ancestor of `path` (none of which is a file: `_kind` saw to that) is a directory this
+    process may create entries in."""
     for parent in path.absolute().parents:
-        kind = _kind(parent, flag, given)
-        if kind == "missing":
+        if _kind(parent, flag, given) == "missing":
             continue
-        if kind != "dir":
-            raise NotADirectoryError(f"{flag} {quote(given)}: {parent} is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise PermissionError(f"{flag} {quote(given)}: cannot write in {parent}")
         return
@@ -223,6 +229,7 @@ def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
     /dev/null), a path under a file, or a place this process may not write."""
     given = os.fspath(path)
     target = Path(given)
+    _check_name_length(target, flag, given)
     kind = _kind(target, flag, given)
     if kind == "dir":
         if not os.access(target, os.W_OK | os.X_OK):
@@ -239,6 +246,9 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     a read-only file, a path under a file, or a directory this process may not write in."""
     given = os.fspath(path)
     target = Path(given)
+    _check_name_length(target, flag, given)
+    if given.rsplit("/", 1)[-1] in ("", ".", ".."):
+        raise ValueError(f"{flag} {quote(given)}: expected a file name")
     kind = _kind(target, flag, given)
     if kind == "dir":
         raise ValueError(f"{flag} {quote(given)}: is a directory, expected a file name")
