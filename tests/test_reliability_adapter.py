@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +246,21 @@ def test_cli_refuses_bad_targets(tmp_path: Path, targets: str, says: str) -> Non
     assert says in message
     assert not (out / "adapter" / WEIGHTS_NAME).exists()
 
+
+
+def test_a_refused_load_reports_nothing_but_its_error(tmp_path: Path) -> None:
+    """Options lorakit ignores are reported only when the load succeeds (a refusal stays one line in the CLI)."""
+    directory = edit_tensors(edit_config(saved_adapter(tmp_path / "a"), some_future_option=3), one_tensor_dropped)
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        refused_load(tiny_llama(), directory)
+    assert not notes
+
+
+@pytest.mark.parametrize("alpha", [0, -4, 1e-44])
+def test_pissa_refuses_a_scaling_that_makes_its_factors_non_finite(alpha: float) -> None:
+    model = tiny_llama()
+    before = model_state(model)
+    with pytest.raises(ValueError, match="non-finite factors"):
+        lorakit.adapt(model, lorakit.LoraConfig(target_modules=TARGETS, r=4, lora_alpha=alpha, init_lora_weights="pissa"))
+    assert_same_state(before, model_state(model))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +245,9 @@ def load_adapter(
     adapters, requires_grad flags, weights).
     """
     directory = Path(path)
-    config = read_adapter_config(directory)
+    with warnings.catch_warnings(record=True) as notes:  # options lorakit ignores: reported once the load succeeds
+        warnings.simplefilter("always")
+        config = read_adapter_config(directory)
     tensors = read_adapter_tensors(directory)
     file = directory / WEIGHTS_NAME
     _check_ranks(model, config, tensors, file)
@@ -263,6 +266,8 @@ def load_adapter(
     with all_or_nothing(model):
         _grow_vocabulary(model, directory, config)
         adapt_checked(model, config, adapter_name, every_name=False, fill=fill)
+    for note in notes:
+        warnings.warn(note.message, note.category, stacklevel=2)
     return model
 
 
