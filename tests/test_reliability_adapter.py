@@ -264,3 +264,14 @@ def test_pissa_refuses_a_scaling_that_makes_its_factors_non_finite(alpha: float)
     with pytest.raises(ValueError, match="non-finite factors"):
         lorakit.adapt(model, lorakit.LoraConfig(target_modules=TARGETS, r=4, lora_alpha=alpha, init_lora_weights="pissa"))
     assert_same_state(before, model_state(model))
+
+
+def test_adapt_refuses_a_rank_on_expert_parameters_whose_weights_cannot_fit() -> None:
+    from test_moe import tiny_mixtral
+
+    model = tiny_mixtral()
+    before = model_state(model)
+    config = lorakit.LoraConfig(target_parameters=["mlp.experts.down_proj"], r=2**30)
+    with bounded(seconds=20, memory_mib=64), pytest.raises(ValueError, match="GiB are available"):
+        lorakit.adapt(model, config)
+    assert_same_state(before, model_state(model))

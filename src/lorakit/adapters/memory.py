@@ -1,7 +1,8 @@
 """Will a new adapter fit? An estimate of the bytes its weights take, refused before anything is allocated.
 
 The rule: the adapter's float32 weights, counted from the config's ranks and the targeted layers' shapes
-(LoRA and AdaLoRA r·(in + out) per layer, DoRA + out, VeRA r + out per layer plus the shared r·(max in + max out)),
+(LoRA and AdaLoRA r·(in + out) per layer, DoRA + out, VeRA r + out per layer plus the shared r·(max in + max out),
+LoRA on a parameter E·r·(in + out) for its E experts),
 must fit in the memory available on the device that holds the layers (Linux's MemAvailable for the CPU, the free
 memory for a CUDA device). A rank whose weights could never fit is then a clear error instead of an allocation that
 grows the process by gigabytes or fails deep inside torch.
@@ -49,15 +50,20 @@ def adapter_weights(model: nn.Module, config: AdapterConfig, targets: list[str])
     for path, (out, inp) in dims.items():
         rank = max(config.rank_for(path), config.init_r) if isinstance(config, AdaLoraConfig) else config.rank_for(path)
         total += rank * (inp + out) + (out if isinstance(config, LoraConfig) and config.use_dora else 0)
+    for name, param in model.named_parameters():  # target_parameters: E·r·(in + out) per [E, out, in] parameter
+        name = name.replace(".parametrizations.", ".").removesuffix(".original")
+        if param.dim() in (2, 3) and any(name == t or name.endswith("." + t) for t in config.target_parameters or ()):
+            experts = param.shape[0] if param.dim() == 3 else 1
+            total += experts * config.rank_for(name) * (param.shape[-1] + param.shape[-2])
     return total
 
 
 def check_adapter_fits(model: nn.Module, config: AdapterConfig, targets: list[str]) -> None:
     """Raise a ValueError when the adapter's weights cannot fit in the memory available (module doc)."""
-    if not targets:
-        return
     needed = adapter_weights(model, config, targets) * BYTES_PER_WEIGHT
-    free = available_bytes(module_device(model.get_submodule(targets[0])))
+    if not needed:
+        return
+    free = available_bytes(module_device(model))
     if free is not None and needed > free:
         raise ValueError(f"r={config.r}: the adapter's weights would take {needed / 2**30:,.1f} GiB on "
                          f"{len(targets)} layers but {free / 2**30:,.1f} GiB are available; choose a smaller rank")
