@@ -322,11 +322,24 @@ def _path_kind(path: str) -> str:
     raw = os.fsencode(path)
     if len(raw) >= 4096 or any(len(part) > 255 for part in raw.split(b"/")):
         return "bad"
+    path = os.path.abspath(path)  # ".." taken lexically, as the writers' mkdir(parents=True) takes it
     try:
         mode = os.stat(path).st_mode
     except OSError as error:
-        return "missing" if error.errno == errno.ENOENT else "bad"
-    return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+        return "missing" if error.errno == errno.ENOENT and _writable_place(path) else "bad"
+    if stat.S_ISDIR(mode):
+        return "dir" if os.access(path, os.W_OK | os.X_OK) else "bad"
+    if stat.S_ISREG(mode):
+        return "file" if os.access(path, os.W_OK) and _writable_place(path) else "bad"
+    return "other"
+
+
+def _writable_place(path: str) -> bool:
+    """The nearest existing directory above `path` may get new entries (a file is written beside its target)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return os.access(parent, os.W_OK | os.X_OK)
 
 
 path_parts = st.sampled_from(["file", "dir", "new", "inner", "..", ".", "x" * 256, "y" * 255, "", "dev", "null"])

@@ -206,17 +206,17 @@ def _kind(path: Path, flag: str, given: str) -> str:
     return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
 
 
-def _check_name_length(path: Path, flag: str, given: str) -> None:
+def _check_name_length(flag: str, given: str) -> None:
     """File names (each part) of at most NAME_MAX bytes, the whole at most PATH_MAX: a longer one fails only once
     something is written, after the work."""
-    if len(os.fsencode(given)) >= PATH_MAX or any(len(os.fsencode(part)) > NAME_MAX for part in path.parts):
+    if len(os.fsencode(given)) >= PATH_MAX or any(len(os.fsencode(part)) > NAME_MAX for part in given.split("/")):
         raise ValueError(f"{flag} {quote(given)}: file name too long")
 
 
 def _check_parent(path: Path, flag: str, given: str) -> None:
     """The nearest existing ancestor of `path` (none of which is a file: `_kind` saw to that) is a directory this
     process may create entries in."""
-    for parent in path.absolute().parents:
+    for parent in path.parents:
         if _kind(parent, flag, given) == "missing":
             continue
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -228,8 +228,8 @@ def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
     """Refuse, before any work, an output directory that cannot be one: an existing file (or device, such as
     /dev/null), a path under a file, or a place this process may not write."""
     given = os.fspath(path)
-    target = Path(given)
-    _check_name_length(target, flag, given)
+    target = Path(os.path.abspath(given))  # ".." taken lexically, as mkdir(parents=True) takes it
+    _check_name_length(flag, given)
     kind = _kind(target, flag, given)
     if kind == "dir":
         if not os.access(target, os.W_OK | os.X_OK):
@@ -245,8 +245,8 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     """Refuse, before any work, an output file that cannot be written: a directory, a device or other special file,
     a read-only file, a path under a file, or a directory this process may not write in."""
     given = os.fspath(path)
-    target = Path(given)
-    _check_name_length(target, flag, given)
+    target = Path(os.path.abspath(given))  # ".." taken lexically, as mkdir(parents=True) takes it
+    _check_name_length(flag, given)
     if given.rsplit("/", 1)[-1] in ("", ".", ".."):
         raise ValueError(f"{flag} {quote(given)}: expected a file name")
     kind = _kind(target, flag, given)
