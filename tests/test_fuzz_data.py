@@ -330,7 +330,8 @@ def check_load(path: Path, data: bytes, line: int | None, fragment: str | None) 
     except ValueError as error:
         message = assert_clean_error(error)
         assert refused_at is not None, f"valid file refused: {message}"
-        prefix = f"{path}: " if refused_at == 0 else f"{path}:{refused_at}: "
+        shown = repr(str(path)) if "\n" in str(path) else str(path)  # a line break in a name is escaped
+        prefix = f"{shown}: " if refused_at == 0 else f"{shown}:{refused_at}: "
         assert message.startswith(prefix), f"{message!r} does not start with {prefix!r}"
         assert fragment is None or fragment in message, f"{fragment!r} not in {message!r}"
         return None
@@ -342,14 +343,18 @@ def check_load(path: Path, data: bytes, line: int | None, fragment: str | None) 
 # --- properties ---------------------------------------------------------------------------------------------------
 
 
-@given(case=files(), tokenizer_name=st.sampled_from(sorted(TOKENIZERS)), chat=st.booleans())
+FILE_NAMES = ["data.jsonl", "my data.jsonl", "d\u00e4t\u00e4 \U0001f600.jsonl", "line\nbreak.jsonl", "-.jsonl"]
+
+
+@given(case=files(), name=st.sampled_from(FILE_NAMES), tokenizer_name=st.sampled_from(sorted(TOKENIZERS)),
+       chat=st.booleans())
 def test_files_from_the_grammar_load_or_are_refused_at_the_right_line(
     tmp_path: Path, tokenizers: dict[str, PreTrainedTokenizerBase], case: tuple[bytes, int | None, str | None],
-    tokenizer_name: str, chat: bool,
+    name: str, tokenizer_name: str, chat: bool,
 ) -> None:
     count_case("data")
     data, line, fragment = case
-    path = write(tmp_path, data)
+    path = write(tmp_path, data, name)
     with bounded(60, 512):
         records = check_load(path, data, line, fragment)
         tokenizer = tokenizers.get(tokenizer_name, tokenizers["byte"])

@@ -142,6 +142,13 @@ def test_refused_files_name_file_line_and_reason(tmp_path: Path, data: bytes, li
     assert reason in message
 
 
+@pytest.mark.parametrize("name", ["line\nbreak.jsonl", "tab\t.jsonl", "bad\udcff.jsonl"])
+def test_a_file_name_with_control_characters_is_shown_escaped_on_one_line(tmp_path: Path, name: str) -> None:
+    with pytest.raises(FileNotFoundError) as caught:
+        load_jsonl(tmp_path / name)
+    assert assert_clean_error(caught.value) == f"{str(tmp_path / name)!r}: no such data file"
+
+
 def test_a_directory_is_refused_by_name(tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").mkdir()
     with pytest.raises(ValueError, match=r"data\.jsonl: is a directory, not a JSONL file"):

@@ -29,7 +29,7 @@ import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from .jsonl import json_type, read_jsonl, shorten
+from .jsonl import display_path, json_type, read_jsonl, shorten
 
 IGNORE_INDEX = -100
 FORMATS: dict[str, frozenset[str]] = {
@@ -98,7 +98,7 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Record]:
         record_format(value, where)
         records.append(Record(value, where))  # type: ignore[arg-type]  # record_format checked it is a dict
     if not records:
-        raise ValueError(f"{path}: empty dataset (no records)")
+        raise ValueError(f"{display_path(path)}: empty dataset (no records)")
     return records
 
 

@@ -76,36 +76,41 @@ def parse_line(line: bytes, where: str) -> object:
         raise ValueError(f"{where}: malformed JSON (nested too deeply)") from None
 
 
+def display_path(path: str | os.PathLike[str]) -> str:
+    """`path` as error messages show it: as is, or quoted and escaped if it holds a line break or other control."""
+    text = os.fspath(path)
+    return text if text.isprintable() else repr(text)
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[str, object]]:
     """Yield ``(where, value)`` for each non-blank line of `path`, `where` being ``file:line`` (1-based)."""
-    path = Path(path)
-    _require_regular_file(path)
+    path, name = Path(path), display_path(path)
+    _require_regular_file(path, name)
     try:
         with path.open("rb") as lines:
             for number, line in enumerate(lines, start=1):
                 if number == 1 and line.startswith(codecs.BOM_UTF8):
                     line = line[len(codecs.BOM_UTF8):]
                 if line.strip(JSON_WHITESPACE):
-                    yield f"{path}:{number}", parse_line(line, f"{path}:{number}")
+                    yield f"{name}:{number}", parse_line(line, f"{name}:{number}")
     except PermissionError:
-        raise PermissionError(f"{path}: permission denied") from None
+        raise PermissionError(f"{name}: permission denied") from None
     except OSError as error:
-        raise ValueError(f"{path}: cannot read ({error.strerror or error})") from None
+        raise ValueError(f"{name}: cannot read ({error.strerror or error})") from None
 
 
-def _require_regular_file(path: Path) -> None:
+def _require_regular_file(path: Path, name: str) -> None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such data file") from None
+        raise FileNotFoundError(f"{name}: no such data file") from None
     except NotADirectoryError:
-        raise NotADirectoryError(f"{path}: a parent of it is not a directory") from None
+        raise NotADirectoryError(f"{name}: a parent of it is not a directory") from None
     except PermissionError:
-        raise PermissionError(f"{path}: permission denied") from None
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{shorten(str(path))}: not a readable path ({getattr(error, 'strerror', None) or error})") \
-            from None
+        raise PermissionError(f"{name}: permission denied") from None
+    except (OSError, ValueError) as error:  # a name too long, a NUL byte in it...
+        raise ValueError(f"{name}: not a readable path ({getattr(error, 'strerror', None) or error})") from None
     if stat.S_ISDIR(mode):
-        raise ValueError(f"{path}: is a directory, not a JSONL file")
+        raise ValueError(f"{name}: is a directory, not a JSONL file")
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{path}: not a regular file")
+        raise ValueError(f"{name}: not a regular file")
