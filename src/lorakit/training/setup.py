@@ -28,6 +28,7 @@ from .config import DEFAULT_SEQ_LEN, TrainConfig
 from .batches import BatchStream
 from .data import DataStats, Example, load_jsonl, pack_examples, tokenize_records
 from .distributed import DistContext
+from .jsonl import display_path
 from .task import make_builtin_task
 
 
@@ -71,7 +72,8 @@ def load_datasets(config: TrainConfig, tokenizer: Any, max_positions: int | None
     train, stats = tokenize_records(train_records, tokenizer, seq_len, chat=config.chat)
     evaluation, _ = tokenize_records(eval_records, tokenizer, seq_len, chat=config.chat)
     if not train:
-        raise ValueError(f"{config.data}: no usable example (the loss tokens of all {stats.n_dropped} training records "
+        source = display_path(config.data or "the built-in task")
+        raise ValueError(f"{source}: no usable example (the loss tokens of all {stats.n_dropped} training records "
                          f"lie beyond --seq-len {seq_len})")
     if config.pack:
         train = pack_examples(train, seq_len)
