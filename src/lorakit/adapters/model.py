@@ -107,7 +107,10 @@ def adapt_checked(model: nn.Module, config: AdapterConfig, adapter_name: str, ev
                            every_name) if config.target_modules or not (parameters or tokens) else []
     check_adapter_fits(model, config, targets)
     saved_paths = _modules_to_save_paths(model, config)
-    rewritten = [model.get_submodule(path) for path in targets] if getattr(config, "changes_base", False) else []
+    # PiSSA and OLoRA write W_res into the base weight in place: the transaction keeps a copy of those weights (LoftQ
+    # puts a new quantized base in the layer's place, which the transaction undoes without copying anything)
+    in_place = getattr(config, "changes_base", False) and config.init_lora_weights != "loftq"
+    rewritten = [model.get_submodule(path) for path in targets] if in_place else []
     with all_or_nothing(model, values=rewritten):
         _add(model, config, adapter_name, targets, saved_paths)
         if fill is not None:
