@@ -9,7 +9,7 @@ complete checkpoint out of whatever the files now hold. A checkpoint directory i
     from the step), a value rewritten as itself;
 and *broken* when a listed file is changed or missing without a re-seal, or when the change breaks a rule resuming
 must enforce: any key it reads missing or of another type or value (step, world size, data-stream position and
-settings, optimizer settings, learning rates, scheduler counters), a non-finite tensor, the adapter directory
+settings, optimizer settings, base learning rates, scheduler counters), a non-finite tensor, the adapter directory
 replaced by a file. Other re-sealed changes (finite tensor values, random bytes, the RNG states) are *unknown*.
 `--resume` must continue from `checkpoint/` when it is usable, else from a usable `.checkpoint.old-<pid>` (saying
 so), else refuse with exit status 2 and one line, leaving every file as it was. Continuing, the run must end with
@@ -50,7 +50,7 @@ FLAGS = ["--model", "tiny-llama", "--batch-size", "4", "--builtin-train-size", "
 FILES = ("state.json", "optimizer.safetensors", "manifest.json", "adapter/adapter_config.json",
          "adapter/adapter_model.safetensors")
 CHECKED_OPTIONS = ("model", "method", "r", "targets", "quantize", "batch_size", "grad_accum", "seed")
-DERIVED_SCHEDULER_KEYS = ("_is_initial", "_get_lr_called_within_step")
+DERIVED_SCHEDULER_KEYS = ("_is_initial", "_get_lr_called_within_step", "_last_lr")
 PID_KINDS = ("dead", "own", "live", "zero", "huge")
 
 
@@ -130,6 +130,8 @@ def _state_verdict(path: tuple[Any, ...], action: str, old: Any, new: Any, state
             HARMLESS if action == "delete" and config[path[1]] is None and len(path) == 2 else BROKEN)
     if head == "scheduler" and len(path) >= 2 and path[1] in DERIVED_SCHEDULER_KEYS:
         return HARMLESS
+    if path[:2] == ("optimizer", "param_groups") and len(path) >= 4 and path[3] == "lr":
+        return HARMLESS  # the learning rate is this run's schedule's at the saved step
     if head == "python_rng":
         return UNKNOWN
     return BROKEN

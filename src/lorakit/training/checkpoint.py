@@ -137,12 +137,11 @@ def obj(fields: dict[str, Check], values: Check | None = None) -> Check:
     return check
 
 
-_PARAM_GROUP = obj({"params": array(integer(0)), "lr": number(0), "initial_lr": number(0), "weight_decay": number(0),
-                    "eps": number(0), "betas": array(number(0), length=2)})
+_PARAM_GROUP = obj({"params": array(integer(0)), "initial_lr": number(0), "weight_decay": number(0), "eps": number(0),
+                    "betas": array(number(0), length=2)})
 STATE_SCHEMA = obj({
     "optimizer": obj({"param_groups": array(_PARAM_GROUP, min_length=1), "scalars": obj({}, number())}),
-    "scheduler": obj({"base_lrs": array(number(0)), "_last_lr": array(number(0)), "last_epoch": integer(0),
-                      "_step_count": integer(1)}),
+    "scheduler": obj({"base_lrs": array(number(0)), "last_epoch": integer(0), "_step_count": integer(1)}),
     "python_rng": array(lambda value, key: None, length=3),
     "step": integer(0),
     "stream": obj({"seed": integer(), "epoch": integer(0), "index": integer(0), "shuffle": boolean,
@@ -389,10 +388,9 @@ def _check_counters(state: dict[str, Any], file: Path) -> None:
     if scheduler["last_epoch"] != step:
         raise ValueError(f"{file}: key scheduler.last_epoch is {scheduler['last_epoch']}, not the step {step}")
     groups = state["optimizer"]["param_groups"]
-    for key in ("base_lrs", "_last_lr"):
-        if len(scheduler[key]) != len(groups):
-            raise ValueError(f"{file}: key scheduler.{key} has {len(scheduler[key])} entries for {len(groups)} "
-                             "optimizer param groups")
+    if len(scheduler["base_lrs"]) != len(groups):
+        raise ValueError(f"{file}: key scheduler.base_lrs has {len(scheduler['base_lrs'])} entries for {len(groups)} "
+                         "optimizer param groups")
     per_epoch = stream["n_examples"] // stream["global_batch_size"]
     if per_epoch < 1 or stream["index"] > per_epoch or stream["epoch"] * per_epoch + stream["index"] != step:
         raise ValueError(f"{file}: key stream (epoch {stream['epoch']}, index {stream['index']}) is not at step {step}")
@@ -536,8 +534,9 @@ def _check_like(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
 
 def _optimizer_state(saved: SavedCheckpoint, optimizer: torch.optim.Optimizer,
                      scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
-    """The optimizer state dict of `saved`, checked against this run's optimizer and schedule: the same parameters
-    per group, every group setting equal to this run's, the learning rates the schedule gives at the saved step."""
+    """The optimizer state dict of `saved`, checked against this run's optimizer: the same parameters per group, every
+    group setting equal to this run's; the learning rates are this run's schedule's at the saved step (a run resumed
+    with more steps follows its new schedule from there)."""
     live = optimizer.state_dict()["param_groups"]
     groups = saved.state["optimizer"]["param_groups"]
     file = saved.path / STATE_NAME
@@ -545,6 +544,8 @@ def _optimizer_state(saved: SavedCheckpoint, optimizer: torch.optim.Optimizer,
         raise ValueError(f"{file}: key optimizer.param_groups holds {[len(g['params']) for g in groups]} parameters "
                          f"per group, this run's optimizer {[len(g['params']) for g in live]}")
     expected_lrs = _scheduled_lrs(scheduler, saved.step)
+    if expected_lrs is not None:
+        groups = [{**group, "lr": lr} for group, lr in zip(groups, expected_lrs)]
     for index, (group, mine) in enumerate(zip(groups, live)):
         for name in sorted(set(group) | set(mine)):
             key = f"optimizer.param_groups[{index}].{name}"
@@ -552,16 +553,14 @@ def _optimizer_state(saved: SavedCheckpoint, optimizer: torch.optim.Optimizer,
                 raise ValueError(f"{file}: key {key} is not a setting of this run's optimizer")
             if name not in group:
                 raise ValueError(f"{file}: key {key} is missing")
-            if name == "lr" and expected_lrs is not None:
-                if not math.isclose(group[name], expected_lrs[index], rel_tol=1e-9):
-                    raise ValueError(f"{file}: key {key} is {group[name]!r}, the schedule gives {expected_lrs[index]!r} "
-                                     f"at step {saved.step}")
-            elif name not in ("lr", "params") and not _same_value(group[name], mine[name]):
+            if name == "lr" and not (type(group[name]) in (int, float) and math.isfinite(group[name])):
+                raise ValueError(f"{file}: key {key} must be a finite number, found {group[name]!r:.60}")
+            if name not in ("lr", "params") and not _same_value(group[name], mine[name]):
                 raise ValueError(f"{file}: key {key} is {group[name]!r:.60}, this run's is {mine[name]!r} "
                                  "(resume with the options the run was made with)")
     scheduler_state = saved.state["scheduler"]
     checks = {"base_lrs": list(getattr(scheduler, "base_lrs", scheduler_state["base_lrs"])),
-              "_last_lr": [group["lr"] for group in groups], "_step_count": saved.step + 1}
+              "_step_count": saved.step + 1}
     for name, value in checks.items():
         if not _same_value(scheduler_state[name], value):
             raise ValueError(f"{file}: key scheduler.{name} is {scheduler_state[name]!r:.60}, expected {value!r:.60}")
