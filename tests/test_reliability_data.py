@@ -12,6 +12,7 @@ from fuzzing import assert_clean_error, assert_refused, bounded, run_cli
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.models import byte_tokenizer
+from lorakit.training import jsonl
 from lorakit.training.data import IGNORE_INDEX, Record, load_jsonl, tokenize_records
 
 GOOD = '{"prompt": "Say hi.", "completion": "hi"}'
@@ -211,6 +212,16 @@ def test_a_2000_turn_conversation_renders_only_what_is_kept(tokenizer: PreTraine
         [example], stats = tokenize_records([{"messages": turns}], tokenizer, 512)
     assert (len(example["input_ids"]), stats.n_truncated) == (512, 1)
     assert "prompt_ids" not in example and "answer" not in example  # a cut conversation is not scored
+
+
+def test_a_line_past_the_limit_is_refused_without_reading_it_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 1 << 20)
+    path = write(tmp_path, GOOD + "\n" + json.dumps({"text": "x" * (1 << 20)}) + "\n")
+    with bounded(seconds=10, memory_mib=20):
+        message = refusal(path)
+    assert message == f"{path}:2: line longer than 1 MiB; split the record"
 
 
 # --- through the command line --------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """JSON Lines files read strictly: one JSON value per line, every error naming ``file:line`` and what is wrong.
 
 - Lines end at ``\\n`` (``\\r\\n`` works too: ``\\r`` is JSON whitespace); a line of JSON whitespace alone (space, tab,
-  ``\\r``) is skipped. A UTF-8 byte order mark is allowed at the start of the file only.
+  ``\\r``) is skipped. A UTF-8 byte order mark is allowed at the start of the file only. A line holds at most
+  ``MAX_LINE_BYTES`` (line break included), so a file without line breaks cannot fill the memory.
 - Each line must be strict UTF-8 and one complete JSON value, with no duplicate key in an object and nesting no
   deeper than Python's parser allows.
 - Numbers (and Python's extra ``NaN``/``Infinity``) are kept as `JSONNumber`, their text never converted, so no digit
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 JSON_WHITESPACE = b" \t\r\n"
+MAX_LINE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[str, object]]:
     _require_regular_file(path, name)
     try:
         with path.open("rb") as lines:
-            for number, line in enumerate(lines, start=1):
+            for number, line in enumerate(iter(lambda: lines.readline(MAX_LINE_BYTES + 1), b""), start=1):
+                if len(line) > MAX_LINE_BYTES:
+                    raise ValueError(f"{name}:{number}: line longer than {MAX_LINE_BYTES >> 20} MiB; split the record")
                 if number == 1 and line.startswith(codecs.BOM_UTF8):
                     line = line[len(codecs.BOM_UTF8):]
                 if line.strip(JSON_WHITESPACE):
