@@ -115,6 +115,15 @@ def test_resume_with_nothing_to_resume_is_refused_and_overwrites_nothing(killed:
     assert _snapshot(killed) == before  # nothing restarted from step 0, nothing overwritten
 
 
+@pytest.mark.parametrize("resume", [True, False])
+def test_an_output_dir_that_is_a_file_is_a_one_line_error(cache: None, tmp_path: Path, resume: bool) -> None:
+    file = tmp_path / "run"
+    file.write_text("a file")
+    message = assert_refused(run_cli(_argv(file, *(["--resume"] if resume else []))))
+    assert message.startswith("--output-dir") and str(file) in message and "not a directory" in message
+    assert file.read_text() == "a file"
+
+
 def test_a_save_killed_between_its_renames_is_resumed_from_the_old_directory(
     cache: None, reference: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -175,6 +184,7 @@ def test_non_finite_values_in_a_checkpoint_are_refused_before_anything_changes(
     ("state.json", "scheduler.last_epoch=null", "key scheduler.last_epoch must be an integer"),
     ("state.json", "python_rng=[3, [1, 2], null]", "key python_rng[1] must be a list of 625"),
     ("state.json", "stream.index=2", "key stream"),
+    ("state.json", "world_size=1000000000000", "key world_size is 1000000000000, but"),
 ])
 @pytest.mark.parametrize("sealed", [True, False])
 def test_a_corrupted_optimizer_file_or_state_json_is_a_one_line_error(

@@ -31,7 +31,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,19 @@ from ..formats.peft import (
     WEIGHTS_NAME,
     adapter_state_dict,
     read_adapter_config,
-    read_adapter_tensors,
     save_adapter,
+)
+from ..formats.schema import (
+    SchemaError,
+    anything,
+    array,
+    boolean,
+    integer,
+    number,
+    obj,
+    optional,
+    read_json,
+    text,
 )
 
 STATE_NAME = "state.json"
@@ -62,87 +73,12 @@ TMP_MARK, OLD_MARK = ".tmp-", ".old-"
 RNG_KEY = "rng.torch"
 
 
-# -- a small schema for JSON values -----------------------------------------------------------------------------------
-
-Check = Callable[[Any, str], None]
-
-
-class SchemaError(ValueError):
-    """A JSON value that is not what the schema expects; `key` is its dotted path."""
-
-    def __init__(self, key: str, expected: str | None, value: Any = None) -> None:
-        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-        name = key or "(top level)"
-        super().__init__(f"key {name} is missing" if expected is None else f"key {name} must be {expected}, "
-                         f"found {shown[:60]}")
-
-
-def integer(minimum: int | None = None, maximum: int | None = None) -> Check:
-    def check(value: Any, key: str) -> None:
-        if type(value) is not int or (minimum is not None and value < minimum) or (
-                maximum is not None and value > maximum):
-            bounds = f" in [{minimum}, {maximum}]" if maximum is not None else (
-                f" >= {minimum}" if minimum is not None else "")
-            raise SchemaError(key, f"an integer{bounds}", value)
-    return check
-
-
-def number(minimum: float | None = None) -> Check:
-    def check(value: Any, key: str) -> None:
-        if type(value) not in (int, float) or not math.isfinite(value) or (minimum is not None and value < minimum):
-            raise SchemaError(key, "a finite number" + (f" >= {minimum}" if minimum is not None else ""), value)
-    return check
-
-
-def boolean(value: Any, key: str) -> None:
-    if type(value) is not bool:
-        raise SchemaError(key, "true or false", value)
-
-
-def text(value: Any, key: str) -> None:
-    if type(value) is not str:
-        raise SchemaError(key, "a string", value)
-
-
-def optional(inner: Check) -> Check:
-    def check(value: Any, key: str) -> None:
-        if value is not None:
-            inner(value, key)
-    return check
-
-
-def array(item: Check, length: int | None = None, min_length: int = 0) -> Check:
-    def check(value: Any, key: str) -> None:
-        if type(value) is not list or (length is not None and len(value) != length) or len(value) < min_length:
-            size = f" of {length}" if length is not None else (f" of at least {min_length}" if min_length else "")
-            raise SchemaError(key, f"a list{size}", value)
-        for index, element in enumerate(value):
-            item(element, f"{key}[{index}]")
-    return check
-
-
-def obj(fields: dict[str, Check], values: Check | None = None) -> Check:
-    """A JSON object with (at least) `fields`; `values` checks every other member too when given."""
-    def check(value: Any, key: str) -> None:
-        if type(value) is not dict:
-            raise SchemaError(key, "an object", value)
-        for name, field in fields.items():
-            if name not in value:
-                raise SchemaError(f"{key}.{name}".lstrip("."), None)
-            field(value[name], f"{key}.{name}".lstrip("."))
-        if values is not None:
-            for name, member in value.items():
-                if name not in fields:
-                    values(member, f"{key}.{name}".lstrip("."))
-    return check
-
-
 _PARAM_GROUP = obj({"params": array(integer(0)), "initial_lr": number(0), "weight_decay": number(0), "eps": number(0),
                     "betas": array(number(0), length=2)})
 STATE_SCHEMA = obj({
     "optimizer": obj({"param_groups": array(_PARAM_GROUP, min_length=1), "scalars": obj({}, number())}),
     "scheduler": obj({"base_lrs": array(number(0)), "last_epoch": integer(0), "_step_count": integer(1)}),
-    "python_rng": array(lambda value, key: None, length=3),
+    "python_rng": array(anything, length=3),
     "step": integer(0),
     "stream": obj({"seed": integer(), "epoch": integer(0), "index": integer(0), "shuffle": boolean,
                    "group_by_length": boolean, "n_examples": integer(1), "global_batch_size": integer(1)}),
@@ -319,34 +255,12 @@ class SavedCheckpoint:
         return {k: v for k, v in self.state.items() if k not in ("optimizer", "scheduler", "python_rng")}
 
 
-def _read_bytes(file: Path) -> bytes:
-    try:
-        return file.read_bytes()
-    except PermissionError:
-        raise
-    except OSError as error:
-        raise ValueError(f"{file}: cannot read ({error.strerror or error})") from None
-
-
-def _read_json(file: Path, schema: Check) -> dict[str, Any]:
-    try:
-        data = json.loads(_read_bytes(file))
-    except (ValueError, RecursionError) as error:
-        reason = str(error).splitlines()[0][:80] if str(error) else type(error).__name__
-        raise ValueError(f"{file}: not valid JSON ({reason})") from None
-    try:
-        schema(data, "")
-    except SchemaError as error:
-        raise ValueError(f"{file}: {error}") from None
-    return data
-
-
 def _verify_manifest(directory: Path) -> None:
     """Raise ValueError unless `directory` holds a manifest and every file it lists, unchanged."""
     file = directory / MANIFEST_NAME
     if not file.is_file():
         raise ValueError(f"{directory} is incomplete: it has no {MANIFEST_NAME} (its save did not finish)")
-    manifest = _read_json(file, MANIFEST_SCHEMA)
+    manifest = read_json(file, MANIFEST_SCHEMA)
     if manifest["format"] != MANIFEST_FORMAT:
         raise ValueError(f"{file}: unknown format {manifest['format'][:40]!r} (expected {MANIFEST_FORMAT!r})")
     listed = manifest["files"]
@@ -439,10 +353,14 @@ def read_checkpoint(directory: str | os.PathLike[str]) -> SavedCheckpoint:
     if not source.is_dir():
         raise (NotADirectoryError if source.exists() else FileNotFoundError)(f"{source} is not a checkpoint directory")
     _verify_manifest(source)
-    state = _read_json(source / STATE_NAME, STATE_SCHEMA)
+    state = read_json(source / STATE_NAME, STATE_SCHEMA)
     _check_counters(state, source / STATE_NAME)
     file = source / TENSORS_NAME
     tensors = _read_tensors(file)
+    saved_rngs = sum(key.startswith(RNG_KEY) for key in tensors)
+    if saved_rngs != state["world_size"]:
+        raise ValueError(f"{source / STATE_NAME}: key world_size is {state['world_size']}, but {file} holds "
+                         f"{saved_rngs} torch RNG state(s) (one per process)")
     rng_states = _split_rng(tensors, state["world_size"], file)
     count = sum(len(group["params"]) for group in state["optimizer"]["param_groups"])
     for key, value in tensors.items():
@@ -451,7 +369,7 @@ def read_checkpoint(directory: str | os.PathLike[str]) -> SavedCheckpoint:
             raise ValueError(f"{file}: tensor {key} must be a step count in [0, {state['step']}]")
     _check_finite(tensors, file)
     adapter_dir = source / ADAPTER_DIR
-    adapter = read_adapter_tensors(adapter_dir)
+    adapter = _read_tensors(adapter_dir / WEIGHTS_NAME)
     _check_finite(adapter, adapter_dir / WEIGHTS_NAME)
     return SavedCheckpoint(source, state, tensors, rng_states, adapter, read_adapter_config(adapter_dir))
 
