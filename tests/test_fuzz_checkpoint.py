@@ -209,6 +209,7 @@ class Damage:
         if not isinstance(data, dict):
             return HARMLESS
         paths = [p for p in _json_paths(data) if p]
+        paths = [p for p in paths if p[0] != "config"] * 3 + [p for p in paths if p[0] == "config"]  # options: 1 in 4
         target = paths[min(int(self.where * len(paths)), len(paths) - 1)]
         parent = data
         for key in target[:-1]:
