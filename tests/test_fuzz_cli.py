@@ -20,11 +20,12 @@ import pytest
 import tomllib
 import torch
 import yaml
-from fuzzing import Outcome, assert_refused, count_case, run_cli
+from fuzzing import Outcome, assert_clean_error, assert_refused, count_case, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorakit.models import byte_tokenizer
+from lorakit.training import TrainConfig
 
 MISSING_MODEL = "/nonexistent/lorakit-fuzz-model"
 MISSING_ADAPTER = "/nonexistent/lorakit-fuzz-adapter"
@@ -315,6 +316,22 @@ def test_config_files_are_refused_exactly_when_a_key_or_value_breaks_a_rule(data
     outcome = _run(["train", "--config", str(path), "--model", MISSING_MODEL, "--output-dir", "run", "--method",
                     "lora", "--init", "pissa", "--quantize", "nf4", "--report-to", "none"])
     _judge(outcome, valid, lambda m: m.startswith(f"config file {path}"))
+
+
+@given(values=st.dictionaries(st.sampled_from(sorted(TRAIN)), config_values, min_size=1, max_size=3))
+def test_trainconfig_in_python_refuses_exactly_the_values_its_flags_refuse(values: dict[str, Any]) -> None:
+    count_case("cli")
+    valid = all(TRAIN[name].valid_value(value) for name, value in values.items())
+    try:
+        config = TrainConfig(**values)
+    except ValueError as error:
+        message = assert_clean_error(error)
+        assert not valid, message
+        assert any(message.startswith(f"{name} (") for name, value in values.items()
+                   if not TRAIN[name].valid_value(value)), message
+    else:
+        assert valid, values
+        assert all(isinstance(getattr(config, name), (type(None), bool, int, float, str)) for name in values)
 
 
 def _path_kind(path: str) -> str:

@@ -1,7 +1,10 @@
 """The `lorakit` command: train, eval, generate, merge, quantize, export, inspect.
 
-`lorakit train` flags are generated from `TrainConfig`'s typed fields; `--config FILE` (YAML or TOML) sets any of
-them and flags given on the command line win. Bad input ends with one line on stderr and exit status 2.
+`lorakit train` flags are generated from `TrainConfig`'s fields; `--config FILE` (YAML or TOML) sets any of them and
+flags given on the command line win. Every option of every subcommand reads its value through a rule
+(`training/options.py`: range, finiteness, type, choices), the train options through the same rules as `TrainConfig`
+and its config files; output paths are checked before any work. Bad input ends with one line on stderr,
+`lorakit: error: ...`, and exit status 2.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, No
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0  # below the minimum, logits / temperature overflow float32
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0  # far tinier ones make logits / temperature inf (1e-300 is 0 in float32)
 
 
 def _sampling_temperature(value: float) -> None:
