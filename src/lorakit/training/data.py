@@ -14,6 +14,10 @@ Record formats (one JSON object per line):
 
 Prompt/completion and messages examples also keep ``prompt_ids`` (the tokens up to the last reply) and ``answer``
 (its reference text) so an evaluator can greedy-decode and score exact match (`task.exact_match`).
+
+Files are read by `jsonl` and checked by `record_format`; every error is a one-line ValueError naming the file and
+the line (``data.jsonl:17: ...``). A `Record` keeps its ``file:line``, so errors found while tokenizing name it too.
+A record longer than ``max_len`` is tokenized (and a conversation rendered) only as far as the cut needs.
 """
 
 from __future__ import annotations
