@@ -7,20 +7,21 @@ scheduler, data-stream position, Python RNG state) and, written last, `manifest.
 and SHA-256. A checkpoint is *complete* when its manifest is there and every file it lists matches it.
 
 The save protocol, for a checkpoint directory `D` written by process `PID`:
-  1. remove stale temporaries: `.D.tmp-*` of writers no longer running (this process's own count as stale too);
-  2. refuse to write a non-finite tensor (the previous checkpoint stays);
+  1. refuse to write a non-finite tensor or setting (ValueError; the previous checkpoint stays as it is);
+  2. remove stale temporaries: `.D.tmp-*` of writers no longer running (this process's own count as stale too);
   3. write everything into `.D.tmp-PID`, the manifest last;
-  4. rename `D` (if any) to `.D.old-PID`, then `.D.tmp-PID` to `D`;
-  5. delete `.D.old-PID`, and any `.D.old-*` / `.D.tmp-*` left by writers no longer running.
+  4. rename `D` (if any) to `.D.old-PID` (`.D.old-PID-<n>` if that name is taken), then `.D.tmp-PID` to `D`;
+  5. delete that `.old`, and any `.D.old-*` / `.D.tmp-*` left by writers no longer running (returned, to be said).
 A run killed at any moment thus leaves a complete `D`, or, killed between the two renames of step 4, no `D` and a
-complete `.D.old-PID`. A live concurrent writer's temporaries are never touched.
+complete `.D.old-PID`. A live concurrent writer's temporaries are never touched; a `.tmp` is never resumed from.
 
 Resuming (`find_resumable`) reads `D` or, when `D` is missing or not complete and valid, the newest complete and valid
 `.D.old-*`, and says which. It checks, before any model exists: completeness (manifest), that `state.json` has the
-expected keys and types, that its counters agree (scheduler and data stream at the saved step), that the RNG states
-are states the generators accept, and that every tensor is finite. `restore` then checks the tensors' names, shapes
-and dtypes against the model and optimizer before changing either of them. Anything else is a one-line ValueError
-naming the file and the key or tensor.
+expected keys and types, that its counters agree (scheduler and data stream at the saved step, one RNG state per
+process), that the RNG states are states the generators accept, and that every tensor is finite. `restore` then
+checks the tensors' names, shapes and dtypes and the optimizer's settings against this run's model, optimizer and
+schedule before changing any of them; the scheduler's state and the learning rates are derived from the saved step.
+Anything else is a one-line ValueError naming the file and the key or tensor.
 """
 
 from __future__ import annotations
