@@ -71,9 +71,10 @@ def valid_files(directory: str) -> tuple[dict[str, Any], bytes]:
 
 
 @functools.cache
-def candidates() -> tuple[str, ...]:
-    """Module paths a target may select in the plain model: linear layers and the embedding."""
-    return tuple(name for name, module in tiny_llama().named_modules() if isinstance(module, (nn.Linear, nn.Embedding)))
+def candidates(embeddings: bool = True) -> tuple[str, ...]:
+    """Module paths a target may select in the plain model: linear layers, and the embedding (LoRA, not VeRA)."""
+    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
+    return tuple(name for name, module in tiny_llama().named_modules() if isinstance(module, kinds))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def config_verdict(data: Any) -> bool | None:
         and all(type(get(flag, False)) is bool for flag in ("use_rslora", "use_dora", "fan_in_fan_out"))
         and get("bias", "none") in ("none", "all", "lora_only") and type(get("bias", "none")) is str
         and all(get(key) is None or type(get(key)) is str for key in ("task_type", "base_model_name_or_path"))
-        and (init in (True, False) or type(init) is str and (init in ("gaussian", "pissa", "olora")
+        and (type(init) is bool or type(init) is str and (init in ("gaussian", "pissa", "olora")
                                                             or re.fullmatch("pissa_niter_[0-9]{1,4}", init)))
         and get("loftq_config", {}) in ({}, None)
         and get("modules_to_save") in (None, [])
@@ -160,7 +161,7 @@ def config_verdict(data: Any) -> bool | None:
         if targets != "all-linear" else ["all linear layers"]
     if sorted(chosen) != sorted(LAYERS) or any(pattern_for(p, rank_pattern, get("r", 8)) != RANK for p in LAYERS):
         return False
-    if init in (True, False, "gaussian"):
+    if type(init) is bool or init == "gaussian":
         return True
     root = math.sqrt(RANK) if get("use_rslora", False) else RANK
     scalings = [pattern_for(p, alpha_pattern, get("lora_alpha", 8)) / root for p in LAYERS]
@@ -413,7 +414,8 @@ VERA_FIELDS: dict[str, st.SearchStrategy[Any]] = {
 
 def vera_verdict(data: dict[str, Any]) -> bool:
     """VeRA's rules: r an integer equal to the file's rank, the seed an integer torch accepts ([-2^63, 2^64 - 1]),
-    flags JSON booleans, dropout in [0, 1), d_initial a finite float32 number, the file's modules selected."""
+    flags JSON booleans, dropout in [0, 1), d_initial a finite float32 number, the file's modules selected (VeRA
+    adapts linear layers only: a name of the embedding selects nothing)."""
     get = data.get
     dropout, targets = get("vera_dropout", 0.0), get("target_modules")
     if not (get("peft_type") == "VERA" and is_int(get("r", 256), 1) and is_int(get("projection_prng_key", 0), -(2**63),
@@ -422,7 +424,7 @@ def vera_verdict(data: dict[str, Any]) -> bool:
             and 0 <= dropout < 1 and finite32(get("d_initial", 0.1))
             and (type(targets) is str and compiles(targets) or names(targets))):
         return False
-    chosen = [p for p in candidates() if selects(targets, p)] if targets != "all-linear" else ["all linear layers"]
+    chosen = [p for p in candidates(embeddings=False) if selects(targets, p)] if targets != "all-linear" else ["all"]
     return sorted(chosen) == sorted(LAYERS) and get("r", 256) == RANK
 
 
