@@ -7,8 +7,9 @@ a path it does not match. A pattern is accepted when
 - no variable-length repetition contains another one, or an alternation (`(a+)+`, `(a|ab)*`: exponential);
 - it holds at most MAX_VARIABLE_REPEATS variable-length repetitions in all (each one multiplies the ways a path can
   be split: `.*` four times on a 200-character path already takes 0.1 s per path), and no back-reference;
-and it is only ever matched against module paths of at most MAX_PATH_CHARS characters. Under these limits one match
-takes well under a millisecond on any path.
+and it is only ever matched against module paths of at most MAX_PATH_CHARS characters (real models' paths are under
+100). Under these limits the slowest patterns (three `.*?` before a character the path lacks) take about 30 ms on a
+256-character path, and microseconds on real paths.
 """
 
 from __future__ import annotations
