@@ -129,7 +129,11 @@ def save_checkpoint(
         tensors[RNG_KEY + (f".{rank}" if rank else "")] = rng_state
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state = {"optimizer": optimizer_meta, "scheduler": scheduler_state, "python_rng": _python_rng(), **extra}
-    state_text = json.dumps(state, indent=1, allow_nan=False)  # a non-finite setting is an error, not a file
+    try:
+        state_text = json.dumps(state, indent=1, allow_nan=False)
+    except ValueError:
+        raise ValueError(f"not saving a checkpoint to {target}: its state holds a non-finite number (the previous "
+                         "checkpoint is kept)") from None
 
     removed = remove_stale_temporaries(target, olds=False)
     tmp = target.with_name(f".{target.name}{TMP_MARK}{os.getpid()}")
