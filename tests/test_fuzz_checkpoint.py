@@ -295,6 +295,17 @@ def _arrange(out: Path, layout: str, old_pid: str, extra: list[Leftover]) -> tup
     return candidates + ([old] if layout in ("old", "both", "file+old") else []), made
 
 
+def _same_files(directory: Path, original: Path, resealed: bool) -> bool:
+    """Whether `directory` holds every file of the checkpoint `original` unchanged (the manifest aside if re-sealed)."""
+    for file in original.rglob("*"):
+        relative = file.relative_to(original)
+        if file.is_file() and not (resealed and relative.as_posix() == "manifest.json"):
+            copy = directory / relative
+            if not copy.is_file() or copy.read_bytes() != file.read_bytes():
+                return False
+    return True
+
+
 def _assert_resumed(outcome: Any, out: Path, runs: Runs, note: bool | None, made: set[Path], exact: bool) -> None:
     assert outcome.code == 0, outcome.stderr[-2000:]
     assert f"resumed from step {KILLED_AT}" in outcome.stdout  # never from step 0
@@ -334,6 +345,10 @@ def _resume_case(runs: Runs, out: Path, layout: str, old_pid: str, damage: list[
         verdicts = [item.apply(candidates[0], runs.state, resealed) for item in damage]
         if resealed:
             seal(candidates[0])
+        if _same_files(candidates[0], runs.template / "checkpoint", resealed):
+            verdicts = [HARMLESS]  # the damage undid itself (or touched only files outside the manifest)
+        elif not resealed:
+            verdicts = [BROKEN]
     usable = [c for i, c in enumerate(candidates) if i > 0 or BROKEN not in verdicts and UNKNOWN not in verdicts]
     before = snapshot(out)
     outcome = run_cli(["train", *FLAGS, "--output-dir", str(out), "--resume"], seconds=120, memory_mib=1024)
