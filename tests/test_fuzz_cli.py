@@ -6,6 +6,7 @@ one `lorakit: error: ...` line. A few cases train or generate for real on the ti
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import math
@@ -24,6 +25,7 @@ from fuzzing import Outcome, assert_clean_error, assert_refused, count_case, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lorakit.cli import build_parser
 from lorakit.models import byte_tokenizer
 from lorakit.training import TrainConfig
 
@@ -393,6 +395,20 @@ SOUP_WORDS = ["train", "eval", "generate", "merge", "quantize", "export", "inspe
               "--output-dir", "--merged", "--no-pack", "--pack", "--rank", "--r", "--lr", "--targets", "--shape",
               "--method", "--quantize", "--dtype", "--max-new-tokens", "--batch", "--seq", "--top", "-x", "--=",
               "--lr=", "llama-7b", MISSING_ADAPTER, "config.yaml", "config.toml", "dir", "file"]
+
+
+def _every_flag() -> list[str]:
+    """Every option string of every subcommand (and of inspect's modes)."""
+    def flags(parser: argparse.ArgumentParser) -> Iterator[str]:
+        for action in parser._actions:
+            yield from action.option_strings
+            for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+                yield from flags(sub)
+
+    return sorted(set(flags(build_parser())))
+
+
+SOUP_WORDS += _every_flag()
 
 
 @given(words=st.lists(st.one_of(st.sampled_from(SOUP_WORDS), value_texts), max_size=8))
