@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 import torch
 from fuzzing import assert_clean_error, assert_refused, bounded, count_case, run_cli
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
@@ -352,6 +352,10 @@ def _resume_case(runs: Runs, out: Path, layout: str, old_pid: str, damage: list[
     usable = [c for i, c in enumerate(candidates) if i > 0 or BROKEN not in verdicts and UNKNOWN not in verdicts]
     before = snapshot(out)
     outcome = run_cli(["train", *FLAGS, "--output-dir", str(out), "--resume"], seconds=120, memory_mib=1024)
+    expected = "either" if UNKNOWN in verdicts and BROKEN not in verdicts and candidates else (
+        "resume from checkpoint/" if usable and usable[0].name == "checkpoint" else "resume from .old" if usable
+        else "refuse")
+    event(f"expected {expected}, exit {outcome.code}")
     if UNKNOWN in verdicts and BROKEN not in verdicts and candidates:  # forged values: either way, cleanly
         if outcome.code == 0:
             _assert_resumed(outcome, out, runs, None, made, exact=False)
