@@ -3,6 +3,7 @@ flag, key or file and saying why; nothing runs, and nothing is written, on a val
 
 from __future__ import annotations
 
+import argparse
 import math
 import shutil
 import sys
@@ -163,3 +164,22 @@ def test_inspect_png_without_matplotlib_names_what_to_install(tmp_path: Path, mo
         message = assert_refused(run_cli(argv))
         assert "pip install matplotlib" in message
     assert not png.exists()
+
+
+def test_every_option_of_every_subcommand_reads_its_value_through_a_rule() -> None:
+    from lorakit.cli import build_parser
+    from lorakit.training.options import Rule
+
+    def valued_actions(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.Action]]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += valued_actions(sub, f"{path} {name}")
+            elif action.nargs != 0:  # not a switch (store_true, --help, --no-x)
+                found.append((path, action))
+        return found
+
+    actions = valued_actions(build_parser(), "lorakit")
+    assert len(actions) > 60
+    assert [f"{path} {action.dest}" for path, action in actions if not isinstance(action.type, Rule)] == []

@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = sub.add_parser("train", help="fine-tune an adapter (defaults: SmolLM2-135M on the built-in task)")
-    train.add_argument("--config", help="YAML or TOML file with any of the options below (flags win)")
+    train.add_argument("--config", type=text(), help="YAML or TOML file with any of the options below (flags win)")
     add_dataclass_arguments(train, TrainConfig)
     train.set_defaults(func=cmd_train)
 
