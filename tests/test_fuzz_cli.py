@@ -477,7 +477,8 @@ def test_generate_runs_exactly_when_prompt_and_new_tokens_fit_the_context(short_
                                                                           top_p: float) -> None:
     model, tokenizer = short_model
     prompt_tokens = len(tokenizer(prompt)["input_ids"])
-    outcome = _run(["generate", "--model", model, "--prompt", prompt, "--max-new-tokens", str(new_tokens),
+    # --prompt=TEXT: a prompt that starts with "-" is an option to argparse when it is a separate argument
+    outcome = _run(["generate", "--model", model, f"--prompt={prompt}", "--max-new-tokens", str(new_tokens),
                     "--temperature", repr(temperature), "--top-p", repr(top_p)])
     if prompt_tokens + new_tokens > SHORT_CONTEXT:
         assert f"exceeds the model's context of {SHORT_CONTEXT} tokens" in assert_refused(outcome)
