@@ -7,6 +7,7 @@ import json
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,8 +26,9 @@ def tokenizer() -> PreTrainedTokenizerBase:
     return byte_tokenizer()
 
 
-def labelled_spans(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Decode each run of consecutive loss-bearing tokens."""
+def labelled_spans(example: Example, tokenizer: PreTrainedTokenizerBase, **decode: Any) -> list[str]:
+    """Decode each run of consecutive loss-bearing tokens (`decode`: options of tokenizer.decode); checks labels copy
+    the input where they carry loss."""
     spans: list[list[int]] = []
     previous = IGNORE_INDEX
     for token, label in zip(example["input_ids"], example["labels"], strict=True):
@@ -36,7 +38,7 @@ def labelled_spans(example: Example, tokenizer: PreTrainedTokenizerBase) -> list
                 spans.append([])
             spans[-1].append(token)
         previous = label
-    return [tokenizer.decode(span) for span in spans]
+    return [tokenizer.decode(span, **decode) for span in spans]
 
 
 def flat(lists: list[list[int]]) -> list[int]:

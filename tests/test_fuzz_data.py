@@ -28,6 +28,7 @@ import pytest
 from fuzzing import assert_clean_error, assert_refused, bounded, count_case, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_data import labelled_spans
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lorakit.models import byte_tokenizer
@@ -108,17 +109,8 @@ def expected_file(data: bytes) -> tuple[list[dict[str, Any]], int | None]:
 
 
 def loss_spans(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Each run of consecutive loss tokens, decoded; checks labels copy the input where they carry loss."""
-    spans: list[list[int]] = []
-    previous = IGNORE_INDEX
-    for token, label in zip(example["input_ids"], example["labels"], strict=True):
-        if label != IGNORE_INDEX:
-            assert label == token
-            if previous == IGNORE_INDEX:
-                spans.append([])
-            spans[-1].append(token)
-        previous = label
-    return [tokenizer.decode(span, clean_up_tokenization_spaces=False) for span in spans]
+    """Each run of consecutive loss tokens, decoded as written (no clean-up of spaces)."""
+    return labelled_spans(example, tokenizer, clean_up_tokenization_spaces=False)
 
 
 def round_trip(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
