@@ -36,9 +36,10 @@ weights in float32; LoRA r=8, alpha=16, dropout 0 on every linear layer but lm_h
 checked by the trainable parameter count); batch 8; AdamW(lr 1e-3, weight decay 0, foreach=False) with the same
 LambdaLR built from lorakit's `cosine_with_warmup(10, N)` (checked: the learning rate of every step is compared);
 max_grad_norm 1.0; seed 0; 2 threads; no workers, no evaluation during training, no checkpoints in the timed runs.
-What differs: the data order (lorakit's seeded BatchStream shuffle vs the Trainer's default RandomSampler), hence
-which examples, and how many tokens, each step sees: tokens/s is the figure that does not depend on batch lengths;
-and the adapter's initial values (same scheme, different draw order). The loss is the per-token mean on both sides
+Same batches: the peer's Trainer reads, in order (`train_sampling_strategy="sequential"`), the examples lorakit's
+seeded BatchStream yields for the run's steps, so step k of both sides is the same 8 examples and the step times
+compare like for like (with each side's own sampler the steps drew different lengths, and the medians moved by
+about ±20% with the draw). What differs: the adapter's initial values (same scheme, different draw order). The loss is the per-token mean on both sides
 (lorakit computes logits only where a label is; the peer's model computes them everywhere, as it normally does).
 """
 
@@ -180,6 +181,7 @@ def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
 
     from lorakit.models import prepare_tokenizer, resolve_model
     from lorakit.training import TrainConfig, cosine_with_warmup, load_datasets
+    from lorakit.training.batches import BatchStream
     from lorakit.training.data import collate
     from lorakit.training.evaluate import evaluate_exact_match
 
@@ -188,6 +190,8 @@ def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, config.dtype))
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
     data = load_datasets(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
+    stream = BatchStream(data.train, BATCH, seed=config.seed, group_by_length=config.group_by_length)
+    in_lorakit_order = [example for _ in range(config.max_steps) for example in next(stream)]
     torch.manual_seed(SEED)
     model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                                        target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -224,8 +228,8 @@ def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
         output_dir=options["output_dir"], per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
         max_steps=config.max_steps, learning_rate=LR, max_grad_norm=MAX_GRAD_NORM, seed=SEED, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to=[], dataloader_num_workers=0, remove_unused_columns=False,
-        use_cpu=True, disable_tqdm=True, label_names=["labels"])
-    trainer = Trainer(model=model, args=arguments, train_dataset=data.train, data_collator=collator,
+        use_cpu=True, disable_tqdm=True, label_names=["labels"], train_sampling_strategy="sequential")
+    trainer = Trainer(model=model, args=arguments, train_dataset=in_lorakit_order, data_collator=collator,
                       optimizers=(optimizer, scheduler), callbacks=[timer])
     trainer.train()
     held_out = data.eval[:ns.eval_samples]
@@ -317,6 +321,7 @@ def dataset_section(dataset: str, rows: dict[str, dict[str, Any]]) -> str:
     checks = []
     checks.append("identical token ids" if ours["digest"] == peer["digest"] else "**token ids differ**")
     lr_gap = max(abs(a - b) for a, b in zip(ours["lrs"], peer["lrs"])) if ours["lrs"] and peer["lrs"] else None
+    checks.append("the same tokens at every step" if ours["tokens"] == peer["tokens"] else "**batches differ**")
     checks.append(f"learning rates of all {len(ours['lrs'])} steps equal" if lr_gap is not None and lr_gap < 1e-12
                   else f"**learning rates differ** (max gap {lr_gap})")
     checks.append(f"{ours['trainable']:,} trainable parameters on both sides" if ours["trainable"] == peer["trainable"]
@@ -347,9 +352,8 @@ def describe(args: argparse.Namespace) -> str:
             "examples for both. Each run is its own process, one after the other; peak RSS of its process tree "
             f"(`memwatch`); step medians and tokens/s leave out the first {SKIP} steps. The timed lorakit run drives "
             "`lorakit.training.Trainer` and times `_optimizer_step()` (batch fetch and collate included); the peer's "
-            "window is on_step_begin→on_step_end (batch already collated). Data order differs (lorakit's seeded "
-            "shuffle vs the Trainer's RandomSampler), so steps see different batch lengths: tokens/s is independent "
-            "of that. The CLI row is the real `lorakit train` command (base evaluation, adapter and checkpoint "
+            "window is on_step_begin→on_step_end (batch already collated). Both sides train on the same batches in "
+            "the same order (the Trainer reads lorakit's BatchStream order sequentially). The CLI row is the real `lorakit train` command (base evaluation, adapter and checkpoint "
             "saving included): its tokens/s is the median of metrics.jsonl's per-step figures."
             + (f" **--quick**: {args.steps} steps of a tiny model; the figures only show that every run works, the "
                "timings are noise." if args.quick else ""))
