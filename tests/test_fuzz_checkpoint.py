@@ -38,6 +38,7 @@ from fuzzing import assert_clean_error, assert_refused, bounded, count_case, run
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from test_reliability_checkpoint import killed_at
 
 from lorakit.formats.checkpoint import Checkpoint
 from lorakit.training import Trainer
@@ -83,13 +84,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
         patch.setenv("LORAKIT_CACHE", str(tmp_path_factory.getbasetemp() / "lorakit-cache"))
         assert run_cli(["train", *FLAGS, "--output-dir", str(root / "straight")]).code == 0
         original = Trainer._optimizer_step
-
-        def dying(self: Trainer) -> tuple[float, int]:
-            if self.step == KILLED_AT:
-                raise SystemExit("killed")
-            return original(self)
-
-        patch.setattr(Trainer, "_optimizer_step", dying)
+        killed_at(KILLED_AT, patch)
         assert run_cli(["train", *FLAGS, "--output-dir", str(root / "killed")]).code == 1
         patch.setattr(Trainer, "_optimizer_step", original)
         state = json.loads((root / "killed" / "checkpoint" / "state.json").read_text())

@@ -52,7 +52,7 @@ def _assert_same_adapter(out: Path, reference: dict[str, torch.Tensor]) -> None:
     assert all(torch.equal(adapter[key], reference[key]) for key in reference)
 
 
-def _killed_at(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def killed_at(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the next run die (as if killed) when `step` steps are done."""
     original = Trainer._optimizer_step
 
@@ -84,7 +84,7 @@ def template(cache: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run killed during step KILLED_AT + 1: its checkpoint is at step KILLED_AT."""
     out = tmp_path_factory.mktemp("killed") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        _killed_at(KILLED_AT, patch)
+        killed_at(KILLED_AT, patch)
         assert run_cli(_argv(out)).code == 1
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == KILLED_AT
     return out
