@@ -5,11 +5,15 @@ once by PEFT + transformers.Trainer, compared on step time, tokens/s, peak memor
 Goals: lorakit's median step ≤ 0.75× the peer's, peak RSS no higher, exact match no lower.
 
 How: every run is a subprocess of this script (`--worker ...`), started one after the other and measured by
-`memwatch.run_measured` (peak anonymous and total RSS of its process tree, wall time):
+`memwatch.run_measured` (peak anonymous and total RSS of its process tree, wall time). The two timed sides run
+`--rounds` times each (default 2) in the order lorakit, peer, peer, lorakit, …, so that a drift in the machine's speed
+during the run hits both; each side's figures pool its rounds:
 - `lorakit`: lorakit's own Trainer (`lorakit.training.Trainer`, the object behind `lorakit train`) driven from
   Python so that each `trainer._optimizer_step()` (batch fetch + collate, forward, backward, clip, AdamW, schedule)
-  is timed on its own; then `evaluate_exact_match` on the held-out examples. No base evaluation, no saving.
-- `peer`: `AutoModelForCausalLM.from_pretrained` (float32) + `peft.get_peft_model` + `transformers.Trainer`; each
+  is timed on its own; then `evaluate_exact_match` on the held-out examples. No base evaluation, no saving. Its
+  first run writes its initial adapter (PEFT's format).
+- `peer`: `AutoModelForCausalLM.from_pretrained` + `peft.PeftModel.from_pretrained(..., is_trainable=True)` on that
+  initial adapter + `transformers.Trainer`; each
   optimizer step timed by a TrainerCallback from on_step_begin to on_step_end (forward, backward, clip, AdamW,
   schedule; the batch is fetched and collated before on_step_begin, so the peer's window is the narrower one);
   then the same `evaluate_exact_match` on the same examples.
@@ -33,13 +37,15 @@ turn of one of several lengths; rendered by the tokenizer's chat template, loss 
 Fairness: both sides tokenize through lorakit's own `load_datasets` (`tokenize_records`) with the same options, so
 the token ids, labels and held-out prompts are identical (checked: a hash of them is compared); the same base
 weights in float32; LoRA r=8, alpha=16, dropout 0 on every linear layer but lm_head ("all-linear" on both sides,
-checked by the trainable parameter count); batch 8; AdamW(lr 1e-3, weight decay 0, foreach=False) with the same
-LambdaLR built from lorakit's `cosine_with_warmup(10, N)` (checked: the learning rate of every step is compared);
+checked by the trainable parameter count) and the same initial adapter values (checked: a hash of them); batch 8;
+each side's default AdamW (lr 1e-3, weight decay 0; the fused kernel on both: the Trainer's `adamw_torch_fused`,
+built by `Trainer.get_optimizer_cls_and_kwargs`) with the same LambdaLR built from lorakit's
+`cosine_with_warmup(10, N)` (checked: the learning rate of every step is compared);
 max_grad_norm 1.0; seed 0; 2 threads; no workers, no evaluation during training, no checkpoints in the timed runs.
 Same batches: the peer's Trainer reads, in order (`train_sampling_strategy="sequential"`), the examples lorakit's
 seeded BatchStream yields for the run's steps, so step k of both sides is the same 8 examples and the step times
 compare like for like (with each side's own sampler the steps drew different lengths, and the medians moved by
-about ±20% with the draw). What differs: the adapter's initial values (same scheme, different draw order). The loss is the per-token mean on both sides
+about ±20% with the draw). The loss is the per-token mean on both sides
 (lorakit computes logits only where a label is; the peer's model computes them everywhere, as it normally does).
 """
 
@@ -66,6 +72,7 @@ N_TRAIN = 800
 SKIP = 2  # warm-up steps left out of the timings
 DATASETS = ("builtin", "chat")
 RUNNERS = ("lorakit", "peer", "cli")
+PAIR = ("lorakit", "peer")  # the timed sides, run in alternating order over --rounds
 LABELS = {"lorakit": "lorakit (Trainer, timed)", "peer": "PEFT + transformers.Trainer", "cli": "`lorakit train` (CLI)"}
 TARGET_RATIO = 0.75
 SYSTEM_PROMPTS = (
@@ -134,10 +141,13 @@ def data_digest(train: list[dict], held_out: list[dict]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def step_summary(times: list[float], tokens: list[int]) -> dict[str, float]:
-    kept = slice(SKIP, None) if len(times) > SKIP else slice(None)
-    return {"step_ms": 1000 * statistics.median(times[kept]),
-            "tokens_per_s": sum(tokens[kept]) / max(sum(times[kept]), 1e-9)}
+def tensors_digest(tensors: dict[str, Any]) -> str:
+    """A hash of named tensors' float32 values, in the names' order (adapter files' keys on both sides)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,10 +158,14 @@ def lorakit_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str,
     import torch
 
     torch.set_num_threads(THREADS)
+    from lorakit import adapter_state_dict, save_adapter
     from lorakit.training import TrainConfig, Trainer
     from lorakit.training.evaluate import evaluate_exact_match
 
     trainer = Trainer(TrainConfig(**options), echo=lambda _: None)
+    initial = tensors_digest(adapter_state_dict(trainer.model))  # now: the tensors are the live parameters
+    if not ns.initial_adapter.exists():  # the peer starts from the very same adapter values
+        save_adapter(trainer.model, ns.initial_adapter)
     trainer.wrapped.train()
     times, tokens, lrs, losses = [], [], [], []
     for _ in range(trainer.total_steps):
@@ -169,7 +183,7 @@ def lorakit_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str,
             "sample": (scores.get("samples") or [None])[0],
             "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
             "digest": data_digest(trainer.data.train, held_out), "n_train": len(trainer.data.train),
-            "seq_len": trainer.data.seq_len}
+            "seq_len": trainer.data.seq_len, "initial_digest": initial}
 
 
 def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
@@ -193,11 +207,9 @@ def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
     stream = BatchStream(data.train, BATCH, seed=config.seed, group_by_length=config.group_by_length)
     in_lorakit_order = [example for _ in range(config.max_steps) for example in next(stream)]
     torch.manual_seed(SEED)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = peft.PeftModel.from_pretrained(model, ns.initial_adapter, is_trainable=True)
+    initial = tensors_digest(peft.get_peft_model_state_dict(model))  # now: the tensors are the live parameters
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=False)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(WARMUP, config.max_steps))
     tokens: list[int] = []
 
     def collator(batch: list[dict]) -> dict[str, torch.Tensor]:
@@ -229,6 +241,9 @@ def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
         max_steps=config.max_steps, learning_rate=LR, max_grad_norm=MAX_GRAD_NORM, seed=SEED, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to=[], dataloader_num_workers=0, remove_unused_columns=False,
         use_cpu=True, disable_tqdm=True, label_names=["labels"], train_sampling_strategy="sequential")
+    optimizer_class, optimizer_options = Trainer.get_optimizer_cls_and_kwargs(arguments)  # the Trainer's default
+    optimizer = optimizer_class(params, **optimizer_options)  # AdamW(fused=True), weight decay 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(WARMUP, config.max_steps))
     trainer = Trainer(model=model, args=arguments, train_dataset=in_lorakit_order, data_collator=collator,
                       optimizers=(optimizer, scheduler), callbacks=[timer])
     trainer.train()
@@ -238,7 +253,8 @@ def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
             "final_loss": timer.losses[-1] if timer.losses else None,
             "exact_match": scores.get("exact_match"), "n_scored": scores.get("n_scored"),
             "sample": (scores.get("samples") or [None])[0], "trainable": sum(p.numel() for p in params),
-            "digest": data_digest(data.train, held_out), "n_train": len(data.train), "seq_len": data.seq_len}
+            "digest": data_digest(data.train, held_out), "n_train": len(data.train), "seq_len": data.seq_len,
+            "initial_digest": initial}
 
 
 def run_worker(ns: argparse.Namespace) -> None:
@@ -264,19 +280,19 @@ def cli_result(output_dir: Path) -> dict[str, Any]:
             "n_scored": tuned.get("n_scored"), "tokens_per_s_median": statistics.median(rates) if rates else None}
 
 
-def run_one(runner: str, dataset: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_one(runner: str, dataset: str, args: argparse.Namespace, work: Path, round_index: int = 0) -> dict[str, Any]:
     from memwatch import run_measured
 
-    out = work / f"{dataset}-{runner}"
+    out = work / f"{dataset}-{runner}-{round_index}"
     out.mkdir(parents=True, exist_ok=True)
-    result_file = work / f"{dataset}-{runner}.json"
+    result_file = work / f"{dataset}-{runner}-{round_index}.json"
     if runner == "cli":
         command = [sys.executable, *cli_args(train_options(args.model, args.steps, args.eval_samples, dataset, work,
                                                            out, args.dtype))]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", runner, "--dataset", dataset,
                    "--model", args.model, "--steps", str(args.steps), "--eval-samples", str(args.eval_samples), "--dtype", args.dtype, "--data-dir", str(work), "--output-dir",
-                   str(out), "--result", str(result_file)]
+                   str(out), "--result", str(result_file), "--initial-adapter", str(work / f"{dataset}-initial-adapter")]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     print(f"[{dataset}] {runner}: {shlex.join(['python', *command[1:]])}", file=sys.stderr, flush=True)
     measured = run_measured(command, env=env, cwd=ROOT)
@@ -289,8 +305,24 @@ def run_one(runner: str, dataset: str, args: argparse.Namespace, work: Path) -> 
         return row
     if runner == "cli":
         return row | cli_result(out)
-    result = json.loads(result_file.read_text())
-    return row | result | step_summary(result["times"], result["tokens"])
+    return row | json.loads(result_file.read_text())
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's rounds as one row: step median and tokens/s over every round's timed steps, the highest peak
+    memory, the median wall time; exact match and loss from the first round, with each round's exact match kept."""
+    failed = [run for run in runs if run["returncode"] != 0]
+    if failed:
+        return failed[0]
+    kept = slice(SKIP, None)
+    times = [t for run in runs for t in run["times"][kept]]
+    tokens = [n for run in runs for n in run["tokens"][kept]]
+    return runs[0] | {"step_ms": 1000 * statistics.median(times), "tokens_per_s": sum(tokens) / sum(times),
+                      "round_step_ms": [1000 * statistics.median(run["times"][kept]) for run in runs],
+                      "round_exact_match": [run.get("exact_match") for run in runs],
+                      "peak_anon_mib": max(run["peak_anon_mib"] for run in runs),
+                      "peak_total_mib": max(run["peak_total_mib"] for run in runs),
+                      "wall_s": statistics.median(run["wall_s"] for run in runs)}
 
 
 def fmt(value: Any, spec: str, scale: float = 1.0) -> str:
@@ -326,8 +358,14 @@ def dataset_section(dataset: str, rows: dict[str, dict[str, Any]]) -> str:
                   else f"**learning rates differ** (max gap {lr_gap})")
     checks.append(f"{ours['trainable']:,} trainable parameters on both sides" if ours["trainable"] == peer["trainable"]
                   else f"**trainable parameters differ** ({ours['trainable']:,} vs {peer['trainable']:,})")
+    checks.append("the same initial adapter values" if ours["initial_digest"] == peer["initial_digest"]
+                  else "**initial adapter values differ**")
     lines.append(f"Checks: {', '.join(checks)}; {ours['n_train']} training examples of at most {ours['seq_len']} "
                  "tokens.")
+    rounds = "; ".join(f"{LABELS[side]} {', '.join(f'{ms:.0f}' for ms in row['round_step_ms'])} ms (exact match "
+                       f"{', '.join(fmt(em, '.0%') for em in row['round_exact_match'])})" for side, row in
+                       (("lorakit", ours), ("peer", peer)))
+    lines.append(f"Each run's median step, in run order lorakit, peer, peer, lorakit…: {rounds}.")
     ratio = round(ours["step_ms"] / peer["step_ms"], 2)
     rate_ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
     lines.append(f"- Step time ≤ {TARGET_RATIO}× the peer's: {verdict(ratio <= TARGET_RATIO)} ({ratio:.2f}×; "
@@ -349,11 +387,15 @@ def describe(args: argparse.Namespace) -> str:
             f"{BATCH}, AdamW lr {LR:g} (weight decay 0), {WARMUP} warm-up steps then cosine to 0 over {args.steps} "
             f"steps, max_grad_norm {MAX_GRAD_NORM}, seed {SEED}, {THREADS} threads; {N_TRAIN} training / "
             f"{args.eval_samples} held-out examples, exact match by greedy decoding (`evaluate_exact_match`) on the same held-out "
-            "examples for both. Each run is its own process, one after the other; peak RSS of its process tree "
-            f"(`memwatch`); step medians and tokens/s leave out the first {SKIP} steps. The timed lorakit run drives "
+            "examples for both. Each run is its own process, one after the other, each side run "
+            f"{args.rounds} times in the order lorakit, peer, peer, lorakit… (a drift in the machine's speed hits "
+            "both sides); the step median and tokens/s pool the rounds' steps, leaving out each run's first "
+            f"{SKIP}; peak RSS of its process tree (`memwatch`), the highest of the rounds. The timed lorakit run drives "
             "`lorakit.training.Trainer` and times `_optimizer_step()` (batch fetch and collate included); the peer's "
             "window is on_step_begin→on_step_end (batch already collated). Both sides train on the same batches in "
-            "the same order (the Trainer reads lorakit's BatchStream order sequentially). The CLI row is the real `lorakit train` command (base evaluation, adapter and checkpoint "
+            "the same order (the Trainer reads lorakit's BatchStream order sequentially) from the same initial "
+            "adapter (the peer loads lorakit's with `PeftModel.from_pretrained`), each with its own default "
+            "optimizer: AdamW with the fused kernel. The CLI row is the real `lorakit train` command (base evaluation, adapter and checkpoint "
             "saving included): its tokens/s is the median of metrics.jsonl's per-step figures."
             + (f" **--quick**: {args.steps} steps of a tiny model; the figures only show that every run works, the "
                "timings are noise." if args.quick else ""))
@@ -368,7 +410,10 @@ def main() -> None:
                         help="the frozen base's dtype on both sides (bfloat16 pays on CPUs with AVX512-BF16 or AMX)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of builtin,chat")
     parser.add_argument("--quick", action="store_true", help="tiny-llama, 4 steps, 16 held-out examples: checks that everything runs")
-    parser.add_argument("--worker", choices=("lorakit", "peer"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="timed runs per side, in the order lorakit, peer, peer, lorakit, … (default: 2)")
+    parser.add_argument("--worker", choices=PAIR, help=argparse.SUPPRESS)
+    parser.add_argument("--initial-adapter", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", choices=DATASETS, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", type=Path, help=argparse.SUPPRESS)
@@ -395,11 +440,13 @@ def main() -> None:
         if "chat" in datasets:
             write_chat_data(work, args.eval_samples)
         for dataset in datasets:
-            rows = {}
-            for runner in RUNNERS:
-                row = run_one(runner, dataset, args, work)
-                print(json.dumps(row), flush=True)
-                rows[runner] = row
+            runs: dict[str, list[dict[str, Any]]] = {"lorakit": [], "peer": []}
+            for round_index in range(args.rounds):  # lorakit, peer, peer, lorakit, …: a drift in speed hits both
+                for runner in PAIR if round_index % 2 == 0 else PAIR[::-1]:
+                    runs[runner].append(run_one(runner, dataset, args, work, round_index))
+            rows = {runner: pooled(side) for runner, side in runs.items()} | {"cli": run_one("cli", dataset, args, work)}
+            for row in rows.values():
+                print(json.dumps({k: v for k, v in row.items() if k not in ("times", "tokens", "lrs")}), flush=True)
                 failed |= row["returncode"] != 0
             sections.append(dataset_section(dataset, rows))
     sections.append("Exact commands: `python -m lorakit train --model M --max-steps N --batch-size 8 --rank 8 "
