@@ -87,10 +87,11 @@ def test_lora_on_a_bfloat16_base_trains_float32_weights(monkeypatch: pytest.Monk
     lorakit.adapt(model, lorakit.LoraConfig(r=2, target_modules=["proj"]))
     randomize_adapters(model)
     adapter = model.proj.adapters["default"]
+    assert adapter.delta.lora_A.dtype == torch.float32
     x = torch.randn(3, 10, dtype=torch.bfloat16)
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        check_layer(model.proj, x, rtol=3e-2, atol=3e-2)  # output and gradients against the float64 oracle
+        check_layer(model.proj, x, rtol=2e-2, atol=2e-2)  # output and gradients against the float64 oracle
     assert model(x).dtype == torch.bfloat16
     assert adapter.delta.lora_A.grad.dtype == adapter.delta.lora_B.grad.dtype == torch.float32
     float32_inputs = [t for t in saved if t.dtype == torch.float32 and t.shape == x.shape]
