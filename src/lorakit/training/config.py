@@ -115,6 +115,10 @@ class TrainConfig:
     save_every: int = _opt(50, non_negative_int(), "checkpoint every N steps (0: only at the end and on Ctrl-C)")
     log_every: int = _opt(10, positive_int(), "write training metrics every N steps")
     resume: bool = _opt(False, FLAG, "continue from the checkpoint in --output-dir")
+    attn_implementation: str = _opt("auto", text(), "attention kernel, as transformers names it (sdpa, eager, "
+                                    "flash_attention_2, ...); auto: the model's default, except that on the CPU a "
+                                    "model running SDPA takes eager attention for calls with few score elements, "
+                                    "where it is faster")
     threads: int | None = _opt(None, THREADS, "torch CPU threads, at most the CPUs this machine has (default: "
                                               "torch's choice)")
     fsdp: bool = _opt(False, FLAG, "under torchrun: shard the frozen base over the processes with FSDP2 (adapters "

@@ -22,10 +22,11 @@ from ..adapters.config import AdaLoraConfig
 from ..adapters.loraplus import loraplus_param_groups
 from ..adapters.model import adapt
 from ..adapters.tokens import add_tokens
+from ..models.attention import size_aware_attention
 from ..models.load import load_model
 from ..quant.quantize import quantize
-from .config import DEFAULT_SEQ_LEN, TrainConfig
 from .batches import BatchStream
+from .config import DEFAULT_SEQ_LEN, TrainConfig
 from .data import DataStats, Example, load_jsonl, pack_examples, tokenize_records
 from .distributed import DistContext
 from .jsonl import display_path
@@ -113,6 +114,17 @@ class PreparedRun:
     allocator: RankAllocator | None = None  # AdaLoRA: ranks pruned after every step, its penalty added to the loss
 
 
+def choose_attention(model: nn.Module, implementation: str, device: torch.device) -> None:
+    """`--attn-implementation`: a name goes to transformers as it is; auto makes SDPA size-aware on the CPU."""
+    if implementation != "auto":
+        try:
+            model.set_attn_implementation(implementation)
+        except (ValueError, ImportError) as error:  # an unknown name, or a kernel whose package is missing
+            raise ValueError(f"--attn-implementation {implementation}: {error}") from None
+    elif device.type == "cpu":
+        size_aware_attention(model)
+
+
 def prepare_run(config: TrainConfig, dist: DistContext) -> PreparedRun:
     """Seed, load, quantize, adapt and wrap the model; read the data; build the optimizer and schedule."""
     if config.threads:
@@ -129,6 +141,7 @@ def prepare_run(config: TrainConfig, dist: DistContext) -> PreparedRun:
         model, tokenizer = load_model(config.model, config.dtype, dist.load_device(config.fsdp),
                                       None if quantize_late else config.quantize,
                                       progress=None if dist.is_main else False)
+    choose_attention(model, config.attn_implementation, dist.device)
     if config.add_tokens:  # new embedding rows drawn with the seed: the same on every rank and in every run
         torch.manual_seed(config.seed)
         tokens = [t.strip() for t in config.add_tokens.split(",") if t.strip()]
