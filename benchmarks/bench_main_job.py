@@ -5,19 +5,20 @@ once by PEFT + transformers.Trainer, compared on step time, tokens/s, peak memor
 Goals: lorakit's median step ≤ 0.75× the peer's, peak RSS no higher, exact match no lower.
 
 How: every run is a subprocess of this script (`--worker ...`), started one after the other and measured by
-`memwatch.run_measured` (peak anonymous and total RSS of its process tree, wall time). The two timed sides run
-`--rounds` times each (default 2) in the order lorakit, peer, peer, lorakit, …, so that a drift in the machine's speed
-during the run hits both; each side's figures pool its rounds:
+`memwatch.run_measured` (peak anonymous and total RSS of its process tree, wall time). The two timed sides run once
+per seed of `--seeds` (default 0,1,2: the seed draws the built-in task's dates, the initial adapter and the batch
+order, the same on both sides), in the order lorakit, peer, peer, lorakit, …, so that a drift in the machine's speed
+during the run hits both; each side's figures pool its seeds (exact match: the mean, since one seed's exact match
+moves by an example or two with the trajectory):
 - `lorakit`: lorakit's own Trainer (`lorakit.training.Trainer`, the object behind `lorakit train`) driven from
   Python so that each `trainer._optimizer_step()` (batch fetch + collate, forward, backward, clip, AdamW, schedule)
-  is timed on its own; then `evaluate_exact_match` on the held-out examples. No base evaluation, no saving. Its
-  first run writes its initial adapter (PEFT's format).
-- `peer`: `AutoModelForCausalLM.from_pretrained` + `peft.PeftModel.from_pretrained(..., is_trainable=True)` on that
-  initial adapter + `transformers.Trainer`; each
+  is timed on its own; then `evaluate_exact_match` on the held-out examples. No base evaluation, no saving.
+- `peer`: `AutoModelForCausalLM.from_pretrained` + `peft.PeftModel.from_pretrained(..., is_trainable=True)` on
+  lorakit's initial adapter for the seed (written before both runs by an unmeasured `--worker initial`) + `transformers.Trainer`; each
   optimizer step timed by a TrainerCallback from on_step_begin to on_step_end (forward, backward, clip, AdamW,
   schedule; the batch is fetched and collated before on_step_begin, so the peer's window is the narrower one);
   then the same `evaluate_exact_match` on the same examples.
-- `cli`: the real command line, for its full wall time and peak memory (it also evaluates the base first and writes
+- `cli`: the real command line (first seed), for its full wall time and peak memory (it also evaluates the base first and writes
   the adapter and a checkpoint); its exact match and last loss come from its metrics.jsonl.
 The first 2 steps of each timed run are warm-up and left out of the medians and tokens/s.
 
@@ -41,7 +42,7 @@ checked by the trainable parameter count) and the same initial adapter values (c
 each side's default AdamW (lr 1e-3, weight decay 0; the fused kernel on both: the Trainer's `adamw_torch_fused`,
 built by `Trainer.get_optimizer_cls_and_kwargs`) with the same LambdaLR built from lorakit's
 `cosine_with_warmup(10, N)` (checked: the learning rate of every step is compared);
-max_grad_norm 1.0; seed 0; 2 threads; no workers, no evaluation during training, no checkpoints in the timed runs.
+max_grad_norm 1.0; the same seed; 2 threads; no workers, no evaluation during training, no checkpoints in the timed runs.
 Same batches: the peer's Trainer reads, in order (`train_sampling_strategy="sequential"`), the examples lorakit's
 seeded BatchStream yields for the run's steps, so step k of both sides is the same 8 examples and the step times
 compare like for like (with each side's own sampler the steps drew different lengths, and the medians moved by
@@ -58,6 +59,7 @@ import os
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,12 +69,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-BATCH, RANK, ALPHA, LR, WARMUP, SEED, MAX_GRAD_NORM, THREADS = 8, 8, 16, 1e-3, 10, 0, 1.0, 2
+BATCH, RANK, ALPHA, LR, WARMUP, SEED, MAX_GRAD_NORM, THREADS = 8, 8, 16, 1e-3, 10, 0, 1.0, 2  # SEED: the chat data's
 N_TRAIN = 800
 SKIP = 2  # warm-up steps left out of the timings
 DATASETS = ("builtin", "chat")
 RUNNERS = ("lorakit", "peer", "cli")
-PAIR = ("lorakit", "peer")  # the timed sides, run in alternating order over --rounds
+PAIR = ("lorakit", "peer")  # the timed sides, run in alternating order over --seeds
 LABELS = {"lorakit": "lorakit (Trainer, timed)", "peer": "PEFT + transformers.Trainer", "cli": "`lorakit train` (CLI)"}
 TARGET_RATIO = 0.75
 SYSTEM_PROMPTS = (
@@ -110,11 +112,11 @@ def write_chat_data(directory: Path, n_eval: int) -> tuple[Path, Path]:
 
 
 def train_options(model: str, steps: int, n_eval: int, dataset: str, data_dir: Path, output_dir: Path,
-                  dtype: str) -> dict[str, Any]:
+                  dtype: str, seed: int) -> dict[str, Any]:
     """The `TrainConfig` fields of every run (the CLI flags are derived from them)."""
     options: dict[str, Any] = {
         "model": model, "max_steps": steps, "batch_size": BATCH, "r": RANK, "alpha": float(ALPHA), "dropout": 0.0,
-        "targets": "all-linear", "lr": LR, "warmup_steps": WARMUP, "max_grad_norm": MAX_GRAD_NORM, "seed": SEED,
+        "targets": "all-linear", "lr": LR, "warmup_steps": WARMUP, "max_grad_norm": MAX_GRAD_NORM, "seed": seed,
         "eval_samples": n_eval, "save_every": 0, "log_every": 1, "threads": THREADS, "dtype": dtype,
         "output_dir": str(output_dir),
     }
@@ -154,18 +156,24 @@ def tensors_digest(tensors: dict[str, Any]) -> str:
 # Workers (each in its own process)
 
 
+def initial_adapter_worker(ns: argparse.Namespace, options: dict[str, Any]) -> None:
+    """lorakit's initial adapter for this seed, in PEFT's format: both timed sides start from these values."""
+    from lorakit import save_adapter
+    from lorakit.training import TrainConfig, Trainer
+
+    save_adapter(Trainer(TrainConfig(**options), echo=lambda _: None).model, ns.initial_adapter)
+
+
 def lorakit_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(THREADS)
-    from lorakit import adapter_state_dict, save_adapter
+    from lorakit import adapter_state_dict
     from lorakit.training import TrainConfig, Trainer
     from lorakit.training.evaluate import evaluate_exact_match
 
     trainer = Trainer(TrainConfig(**options), echo=lambda _: None)
     initial = tensors_digest(adapter_state_dict(trainer.model))  # now: the tensors are the live parameters
-    if not ns.initial_adapter.exists():  # the peer starts from the very same adapter values
-        save_adapter(trainer.model, ns.initial_adapter)
     trainer.wrapped.train()
     times, tokens, lrs, losses = [], [], [], []
     for _ in range(trainer.total_steps):
@@ -206,7 +214,7 @@ def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
     data = load_datasets(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
     stream = BatchStream(data.train, BATCH, seed=config.seed, group_by_length=config.group_by_length)
     in_lorakit_order = [example for _ in range(config.max_steps) for example in next(stream)]
-    torch.manual_seed(SEED)
+    torch.manual_seed(config.seed)
     model = peft.PeftModel.from_pretrained(model, ns.initial_adapter, is_trainable=True)
     initial = tensors_digest(peft.get_peft_model_state_dict(model))  # now: the tensors are the live parameters
     params = [p for p in model.parameters() if p.requires_grad]
@@ -238,7 +246,7 @@ def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
     timer = StepTimer()
     arguments = TrainingArguments(
         output_dir=options["output_dir"], per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
-        max_steps=config.max_steps, learning_rate=LR, max_grad_norm=MAX_GRAD_NORM, seed=SEED, logging_steps=1,
+        max_steps=config.max_steps, learning_rate=LR, max_grad_norm=MAX_GRAD_NORM, seed=config.seed, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to=[], dataloader_num_workers=0, remove_unused_columns=False,
         use_cpu=True, disable_tqdm=True, label_names=["labels"], train_sampling_strategy="sequential")
     optimizer_class, optimizer_options = Trainer.get_optimizer_cls_and_kwargs(arguments)  # the Trainer's default
@@ -258,7 +266,11 @@ def peer_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str, An
 
 
 def run_worker(ns: argparse.Namespace) -> None:
-    options = train_options(ns.model, ns.steps, ns.eval_samples, ns.dataset, ns.data_dir, ns.output_dir, ns.dtype)
+    options = train_options(ns.model, ns.steps, ns.eval_samples, ns.dataset, ns.data_dir, ns.output_dir, ns.dtype,
+                            ns.seed)
+    if ns.worker == "initial":
+        initial_adapter_worker(ns, options)
+        return
     result = (lorakit_worker if ns.worker == "lorakit" else peer_worker)(ns, options)
     ns.result.write_text(json.dumps(result) + "\n")
 
@@ -280,20 +292,25 @@ def cli_result(output_dir: Path) -> dict[str, Any]:
             "n_scored": tuned.get("n_scored"), "tokens_per_s_median": statistics.median(rates) if rates else None}
 
 
-def run_one(runner: str, dataset: str, args: argparse.Namespace, work: Path, round_index: int = 0) -> dict[str, Any]:
+def run_one(runner: str, dataset: str, args: argparse.Namespace, work: Path, seed: int) -> dict[str, Any]:
     from memwatch import run_measured
 
-    out = work / f"{dataset}-{runner}-{round_index}"
+    out = work / f"{dataset}-{runner}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
-    result_file = work / f"{dataset}-{runner}-{round_index}.json"
+    result_file = work / f"{dataset}-{runner}-seed{seed}.json"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if runner == "cli":
         command = [sys.executable, *cli_args(train_options(args.model, args.steps, args.eval_samples, dataset, work,
-                                                           out, args.dtype))]
+                                                           out, args.dtype, seed))]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", runner, "--dataset", dataset,
-                   "--model", args.model, "--steps", str(args.steps), "--eval-samples", str(args.eval_samples), "--dtype", args.dtype, "--data-dir", str(work), "--output-dir",
-                   str(out), "--result", str(result_file), "--initial-adapter", str(work / f"{dataset}-initial-adapter")]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+                   "--model", args.model, "--steps", str(args.steps), "--eval-samples", str(args.eval_samples),
+                   "--dtype", args.dtype, "--seed", str(seed), "--data-dir", str(work), "--output-dir", str(out),
+                   "--result", str(result_file),
+                   "--initial-adapter", str(work / f"{dataset}-initial-adapter-seed{seed}")]
+    if runner == "initial":  # not measured: the adapter both timed runs of this seed start from
+        subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True)
+        return {}
     print(f"[{dataset}] {runner}: {shlex.join(['python', *command[1:]])}", file=sys.stderr, flush=True)
     measured = run_measured(command, env=env, cwd=ROOT)
     row: dict[str, Any] = {"runner": runner, "dataset": dataset, "returncode": measured.returncode,
@@ -309,8 +326,8 @@ def run_one(runner: str, dataset: str, args: argparse.Namespace, work: Path, rou
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One side's rounds as one row: step median and tokens/s over every round's timed steps, the highest peak
-    memory, the median wall time; exact match and loss from the first round, with each round's exact match kept."""
+    """One side's seeds as one row: step median and tokens/s over every run's timed steps, the highest peak memory,
+    the median wall time, the mean exact match and final loss; each seed's step median, exact match and checks kept."""
     failed = [run for run in runs if run["returncode"] != 0]
     if failed:
         return failed[0]
@@ -318,8 +335,13 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     times = [t for run in runs for t in run["times"][kept]]
     tokens = [n for run in runs for n in run["tokens"][kept]]
     return runs[0] | {"step_ms": 1000 * statistics.median(times), "tokens_per_s": sum(tokens) / sum(times),
-                      "round_step_ms": [1000 * statistics.median(run["times"][kept]) for run in runs],
-                      "round_exact_match": [run.get("exact_match") for run in runs],
+                      "exact_match": statistics.mean(run["exact_match"] for run in runs),
+                      "final_loss": statistics.mean(run["final_loss"] for run in runs),
+                      "seed_step_ms": [1000 * statistics.median(run["times"][kept]) for run in runs],
+                      "seed_exact_match": [run["exact_match"] for run in runs],
+                      "tokens": [run["tokens"] for run in runs], "lrs": [lr for run in runs for lr in run["lrs"]],
+                      "digest": [run["digest"] for run in runs],
+                      "initial_digest": [run["initial_digest"] for run in runs],
                       "peak_anon_mib": max(run["peak_anon_mib"] for run in runs),
                       "peak_total_mib": max(run["peak_total_mib"] for run in runs),
                       "wall_s": statistics.median(run["wall_s"] for run in runs)}
@@ -343,7 +365,9 @@ def dataset_section(dataset: str, rows: dict[str, dict[str, Any]]) -> str:
         em = row.get("exact_match")
         body.append([LABELS[runner], fmt(row.get("step_ms"), ".0f"), fmt(rate, ",.0f"),
                      fmt(row["peak_anon_mib"], ".0f"), fmt(row["peak_total_mib"], ".0f"), fmt(row["wall_s"], ".1f"),
-                     "—" if em is None else f"{100 * em:.0f}% of {row.get('n_scored')}",
+                     "—" if em is None else f"{100 * em:.1f}% of {row.get('n_scored')}, mean of "
+                     f"{len(row['seed_exact_match'])} seeds" if "seed_exact_match" in row else
+                     f"{100 * em:.0f}% of {row.get('n_scored')}",
                      fmt(row.get("final_loss"), ".4f")])
     name = {"builtin": "built-in date task (prompt/completion)",
             "chat": "chat-format date task (messages, system turn on half)"}[dataset]
@@ -362,10 +386,10 @@ def dataset_section(dataset: str, rows: dict[str, dict[str, Any]]) -> str:
                   else "**initial adapter values differ**")
     lines.append(f"Checks: {', '.join(checks)}; {ours['n_train']} training examples of at most {ours['seq_len']} "
                  "tokens.")
-    rounds = "; ".join(f"{LABELS[side]} {', '.join(f'{ms:.0f}' for ms in row['round_step_ms'])} ms (exact match "
-                       f"{', '.join(fmt(em, '.0%') for em in row['round_exact_match'])})" for side, row in
-                       (("lorakit", ours), ("peer", peer)))
-    lines.append(f"Each run's median step, in run order lorakit, peer, peer, lorakit…: {rounds}.")
+    seeds = "; ".join(f"{LABELS[side]} {', '.join(f'{ms:.0f}' for ms in row['seed_step_ms'])} ms (exact match "
+                      f"{', '.join(fmt(em, '.0%') for em in row['seed_exact_match'])})" for side, row in
+                      (("lorakit", ours), ("peer", peer)))
+    lines.append(f"Each seed's median step (run order lorakit, peer, peer, lorakit, …): {seeds}.")
     ratio = round(ours["step_ms"] / peer["step_ms"], 2)
     rate_ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
     lines.append(f"- Step time ≤ {TARGET_RATIO}× the peer's: {verdict(ratio <= TARGET_RATIO)} ({ratio:.2f}×; "
@@ -377,26 +401,28 @@ def dataset_section(dataset: str, rows: dict[str, dict[str, Any]]) -> str:
                  f"(anonymous {anon:.2f}×, total {total:.2f}×{cli_note}).")
     if ours.get("exact_match") is not None and peer.get("exact_match") is not None:
         lines.append(f"- Exact match no lower than the peer's: {verdict(ours['exact_match'] >= peer['exact_match'])}"
-                     f" ({100 * ours['exact_match']:.0f}% vs {100 * peer['exact_match']:.0f}%; final loss "
-                     f"{ours['final_loss']:.4f} vs {peer['final_loss']:.4f}).")
+                     f" ({100 * ours['exact_match']:.1f}% vs {100 * peer['exact_match']:.1f}%, the mean over the "
+                     f"seeds; final loss {ours['final_loss']:.4f} vs {peer['final_loss']:.4f}).")
     return "\n".join(lines)
 
 
 def describe(args: argparse.Namespace) -> str:
     return (f"`{args.model}`, frozen base in {args.dtype} (adapters float32 on both sides), LoRA r={RANK} alpha={ALPHA} dropout 0 on all linear layers but lm_head, batch "
             f"{BATCH}, AdamW lr {LR:g} (weight decay 0), {WARMUP} warm-up steps then cosine to 0 over {args.steps} "
-            f"steps, max_grad_norm {MAX_GRAD_NORM}, seed {SEED}, {THREADS} threads; {N_TRAIN} training / "
+            f"steps, max_grad_norm {MAX_GRAD_NORM}, seeds {args.seeds}, {THREADS} threads; {N_TRAIN} training / "
             f"{args.eval_samples} held-out examples, exact match by greedy decoding (`evaluate_exact_match`) on the same held-out "
-            "examples for both. Each run is its own process, one after the other, each side run "
-            f"{args.rounds} times in the order lorakit, peer, peer, lorakit… (a drift in the machine's speed hits "
-            "both sides); the step median and tokens/s pool the rounds' steps, leaving out each run's first "
-            f"{SKIP}; peak RSS of its process tree (`memwatch`), the highest of the rounds. The timed lorakit run drives "
+            "examples for both. Each run is its own process, one after the other, each side run once per seed "
+            "(the seed draws the built-in task's dates, the initial adapter and the batch order, the same on both "
+            "sides) in the order lorakit, peer, peer, lorakit… (a drift in the machine's speed hits both sides); the "
+            "step median and tokens/s pool the seeds' steps, leaving out each run's first "
+            f"{SKIP}; exact match and final loss are the means over the seeds; peak RSS of its process tree "
+            "(`memwatch`), the highest of the seeds. The timed lorakit run drives "
             "`lorakit.training.Trainer` and times `_optimizer_step()` (batch fetch and collate included); the peer's "
             "window is on_step_begin→on_step_end (batch already collated). Both sides train on the same batches in "
             "the same order (the Trainer reads lorakit's BatchStream order sequentially) from the same initial "
             "adapter (the peer loads lorakit's with `PeftModel.from_pretrained`), each with its own default "
             "optimizer: AdamW with the fused kernel. The CLI row is the real `lorakit train` command (base evaluation, adapter and checkpoint "
-            "saving included): its tokens/s is the median of metrics.jsonl's per-step figures."
+            "saving included), on the first seed: its tokens/s is the median of metrics.jsonl's per-step figures."
             + (f" **--quick**: {args.steps} steps of a tiny model; the figures only show that every run works, the "
                "timings are noise." if args.quick else ""))
 
@@ -410,9 +436,11 @@ def main() -> None:
                         help="the frozen base's dtype on both sides (bfloat16 pays on CPUs with AVX512-BF16 or AMX)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of builtin,chat")
     parser.add_argument("--quick", action="store_true", help="tiny-llama, 4 steps, 16 held-out examples: checks that everything runs")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="timed runs per side, in the order lorakit, peer, peer, lorakit, … (default: 2)")
-    parser.add_argument("--worker", choices=PAIR, help=argparse.SUPPRESS)
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="comma-separated seeds, one timed run per side each, in the order lorakit, peer, peer, "
+                             "lorakit, … (default: 0,1,2)")
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*PAIR, "initial"), help=argparse.SUPPRESS)
     parser.add_argument("--initial-adapter", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", choices=DATASETS, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -426,6 +454,12 @@ def main() -> None:
     if args.worker:
         run_worker(args)
         return
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, not {args.seeds!r}")
+    if not seeds:
+        parser.error("--seeds needs at least one seed")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = set(datasets) - set(DATASETS)
     if unknown:
@@ -441,18 +475,21 @@ def main() -> None:
             write_chat_data(work, args.eval_samples)
         for dataset in datasets:
             runs: dict[str, list[dict[str, Any]]] = {"lorakit": [], "peer": []}
-            for round_index in range(args.rounds):  # lorakit, peer, peer, lorakit, …: a drift in speed hits both
-                for runner in PAIR if round_index % 2 == 0 else PAIR[::-1]:
-                    runs[runner].append(run_one(runner, dataset, args, work, round_index))
-            rows = {runner: pooled(side) for runner, side in runs.items()} | {"cli": run_one("cli", dataset, args, work)}
+            for index, seed in enumerate(seeds):  # lorakit, peer, peer, lorakit, …: a drift in speed hits both
+                run_one("initial", dataset, args, work, seed)
+                for runner in PAIR if index % 2 == 0 else PAIR[::-1]:
+                    runs[runner].append(run_one(runner, dataset, args, work, seed))
+            rows = {runner: pooled(side) for runner, side in runs.items()}
+            rows["cli"] = run_one("cli", dataset, args, work, seeds[0])
             for row in rows.values():
-                print(json.dumps({k: v for k, v in row.items() if k not in ("times", "tokens", "lrs")}), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("times", "tokens", "lrs", "sample")}),
+                      flush=True)
                 failed |= row["returncode"] != 0
             sections.append(dataset_section(dataset, rows))
     sections.append("Exact commands: `python -m lorakit train --model M --max-steps N --batch-size 8 --rank 8 "
                     "--alpha 16 --dropout 0 --targets all-linear --lr 0.001 --warmup-steps 10 --max-grad-norm 1 "
-                    "--seed 0 --eval-samples E --save-every 0 --log-every 1 --threads 2 --dtype D "
-                    "--output-dir OUT` (E = --eval-samples, D = --dtype) plus `--builtin-train-size 800` (built-in task) or `--data train.jsonl "
+                    "--seed S --eval-samples E --save-every 0 --log-every 1 --threads 2 --dtype D "
+                    "--output-dir OUT` (S = the first seed, E = --eval-samples, D = --dtype) plus `--builtin-train-size 800` (built-in task) or `--data train.jsonl "
                     "--eval-data eval.jsonl --chat` (chat); the workers are this script's hidden `--worker` modes.")
     emit(args, f"Main job vs PEFT + transformers.Trainer: {args.model}, {args.dtype} base", "\n\n".join(sections))
     sys.exit(1 if failed else 0)
