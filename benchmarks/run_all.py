@@ -135,7 +135,7 @@ def write_results(out: Path, quick: bool, prefix: list[str]) -> Path:
         (f"Machine of this run: {machine()}; each section names the machine it ran on. Priority: {'real-time (`chrt -f 5`)' if prefix else 'normal (chrt not permitted)'}."
         " Every comparison runs lorakit and the peer in the same script on the same model and data; read the ratios,"
         " absolute seconds drift on a shared machine. Background and deeper analyses: `nf4_notes.md`,"
-        " `data_notes.md`, `multi_notes.md`, `ddp_notes.md`."),
+        " `data_notes.md`, `multi_notes.md`, `ddp_notes.md`, `main_job_notes.md`."),
         "",
         "Contents: " + ", ".join(f"[{s['title']}](#{anchor(s['title'])})" for s in sections) + ".",
     ]
