@@ -21,7 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-from lorakit.adapters import base, layer
+from lorakit.adapters import base
 
 
 def make_layer(kind: str, bias: bool, dtype: torch.dtype) -> nn.Module:
@@ -96,56 +96,6 @@ def test_lora_on_a_bfloat16_base_trains_float32_weights(monkeypatch: pytest.Monk
     assert update.dtype == torch.float32
     expected = x.double() @ adapter.delta_weight().double().T  # float64 oracle of s·ΔW·x
     torch.testing.assert_close(update.double(), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_adapters_reading_one_half_precision_input_share_its_float32_copy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """q, k, v (and gate, up) read the same bfloat16 input: autograd keeps one float32 copy of it, not one per
-    adapter. The outputs are those of separate copies; the gradients are as close to the float64 oracle (the same
-    bfloat16-valued base in float64) as separate copies' are, or closer (siblings' input gradients add up in float32
-    before one rounding)."""
-    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-
-    def run(oracle: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        model = tiny_llama().to(torch.bfloat16)
-        lorakit.adapt(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
-        randomize_adapters(model)
-        if oracle:
-            model.double()
-        saved: list[torch.Tensor] = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            logits = model(input_ids=ids).logits.double()  # [2, 12, vocab]
-            logits.sin().sum().backward()
-        copies = {t.data_ptr() for t in saved if t.dtype == torch.float32 and t.shape == (24, 64)}  # inputs [24, 64]
-        grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
-        return logits, grads, len(copies)
-
-    _, expected_grads, _ = run(oracle=True)
-    shared_logits, shared_grads, shared_copies = run()
-    monkeypatch.setattr(layer, "shared_cast", lambda x, dtype: x.to(dtype))
-    logits, grads, copies = run()
-    assert (shared_copies, copies) == (2 * 3, 2 * 6)  # per layer: q/k/v, gate/up and o share 3 copies instead of 6
-    torch.testing.assert_close(shared_logits, logits, rtol=0, atol=0)
-    assert shared_grads.keys() == grads.keys() == expected_grads.keys()
-
-    def error(got: dict[str, torch.Tensor]) -> float:
-        return sum(float((got[n] - e).abs().max() / e.abs().max()) for n, e in expected_grads.items())
-
-    assert error(shared_grads) <= error(grads)
-
-
-def test_a_shared_cast_never_outlives_its_graph_nor_misses_an_in_place_change() -> None:
-    x = torch.randn(3, 4, dtype=torch.bfloat16, requires_grad=True)
-    weight = torch.randn(2, 4, requires_grad=True)
-    out = torch.nn.functional.linear(layer.shared_cast(x, torch.float32), weight)  # autograd keeps the copy
-    assert layer.shared_cast(x, torch.float32) is layer.shared_cast(x, torch.float32)
-    cast = layer.shared_cast(x, torch.float32)
-    del out, cast
-    assert layer._last_cast is not None and layer._last_cast[3]() is None  # freed with the graph: nothing held
-    y = torch.randn(3, 4, dtype=torch.bfloat16)
-    first = layer.shared_cast(y, torch.float32)
-    y.mul_(2)  # changed in place: a new copy
-    second = layer.shared_cast(y, torch.float32)
-    assert second is not first and torch.equal(second, y.float())
 
 
 def test_gaussian_init_and_identity_at_init(kind: str) -> None:
