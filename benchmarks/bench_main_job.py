@@ -12,7 +12,7 @@ during the run hits both; each side's figures pool its seeds (exact match: the m
 moves by an example or two with the trajectory):
 - `lorakit`: lorakit's own Trainer (`lorakit.training.Trainer`, the object behind `lorakit train`) driven from
   Python so that each `trainer._optimizer_step()` (batch fetch + collate, forward, backward, clip, AdamW, schedule)
-  is timed on its own; then `evaluate_exact_match` on the held-out examples. No base evaluation, no saving.
+  is timed on its own, with the heap setting `lorakit train` makes (`limit_heap_retention`); then `evaluate_exact_match` on the held-out examples. No base evaluation, no saving.
 - `peer`: `AutoModelForCausalLM.from_pretrained` + `peft.PeftModel.from_pretrained(..., is_trainable=True)` on
   lorakit's initial adapter for the seed (written before both runs by an unmeasured `--worker initial`) + `transformers.Trainer`; each
   optimizer step timed by a TrainerCallback from on_step_begin to on_step_end (forward, backward, clip, AdamW,
@@ -169,9 +169,11 @@ def lorakit_worker(ns: argparse.Namespace, options: dict[str, Any]) -> dict[str,
 
     torch.set_num_threads(THREADS)
     from lorakit import adapter_state_dict
+    from lorakit.models.stream import limit_heap_retention
     from lorakit.training import TrainConfig, Trainer
     from lorakit.training.evaluate import evaluate_exact_match
 
+    limit_heap_retention()  # as `lorakit train` (training.train) does before it builds its Trainer
     trainer = Trainer(TrainConfig(**options), echo=lambda _: None)
     initial = tensors_digest(adapter_state_dict(trainer.model))  # now: the tensors are the live parameters
     trainer.wrapped.train()
