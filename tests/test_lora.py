@@ -22,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit.adapters import base
+from lorakit.adapters.deltas import LoRAProduct
 
 
 def make_layer(kind: str, bias: bool, dtype: torch.dtype) -> nn.Module:
@@ -96,6 +97,20 @@ def test_lora_on_a_bfloat16_base_trains_float32_weights(monkeypatch: pytest.Monk
     assert update.dtype == torch.float32
     expected = x.double() @ adapter.delta_weight().double().T  # float64 oracle of s·ΔW·x
     torch.testing.assert_close(update.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen", ["none", "x", "down"])
+def test_the_lora_product_backward_is_its_derivative(frozen: str) -> None:
+    """LoRAProduct's hand-written backward against finite differences in float64 (torch.autograd.gradcheck), with
+    any input that needs no gradient left out."""
+    x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=frozen != "x")  # [batch, seq, in]
+    down = torch.randn(3, 7, dtype=torch.float64, requires_grad=frozen != "down")  # [r, in]
+    up = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)  # [out, r]
+    assert torch.autograd.gradcheck(lambda *t: LoRAProduct.apply(*t, 0.5), (x, down, up))
+    y = LoRAProduct.apply(x, down, up, 0.5)
+    torch.testing.assert_close(y, 0.5 * x @ (up @ down).T)  # the function itself: s·ΔW·x
+    y.sum().backward()
+    assert (x.grad is None) == (frozen == "x") and (down.grad is None) == (frozen == "down")
 
 
 def test_gaussian_init_and_identity_at_init(kind: str) -> None:

@@ -18,6 +18,7 @@ Every delta offers the same three operations: `forward(x, scale)` = scale·ΔW·
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +55,38 @@ class LoRADelta(nn.Module):
 
     def forward(self, x: Tensor, scale: float) -> Tensor:
         # x [..., in] -> [..., r] -> [..., out]
-        return F.linear(F.linear(x, self.lora_A) * scale, self.lora_B)
+        return LoRAProduct.apply(x, self.lora_A, self.lora_B, scale)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.lora_A, self.lora_B
 
     def delta_weight(self) -> Tensor:
         return self.lora_B @ self.lora_A  # [out, in]
+
+
+class LoRAProduct(torch.autograd.Function):
+    """y = s·(x·Aᵀ)·Bᵀ, the same function as two F.linear calls, with a backward that multiplies in the layouts the
+    CPU's GEMMs run fastest. For g = ∂L/∂y [n, out] and h = s·x·Aᵀ [n, r], autograd's ∂L/∂B = gᵀ·h and g·B take a
+    transposed [out, n] operand with a tiny inner or outer size r; the same products as (hᵀ·g)ᵀ and (Bᵀ·gᵀ)ᵀ run
+    1.5–2.6× faster in float32 on 2 cores (out = 192 … 1536, n = 240, r = 8). Saved: x and h, as autograd would."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
+        hidden = F.linear(x, down) * scale  # [..., r]
+        ctx.save_for_backward(x, down, up, hidden)
+        ctx.scale = scale
+        return F.linear(hidden, up)  # [..., out]
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, down, up, hidden = ctx.saved_tensors
+        need_x, need_down, need_up, _ = ctx.needs_input_grad
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # [n, out]
+        grad_up = (hidden.reshape(-1, hidden.shape[-1]).T @ g).T if need_up else None  # [out, r]
+        grad_hidden = (up.T @ g.T).T * ctx.scale  # [n, r]
+        grad_down = grad_hidden.T @ x.reshape(-1, x.shape[-1]) if need_down else None  # [r, in]
+        grad_x = (grad_hidden @ down).reshape(x.shape) if need_x else None  # [..., in]
+        return grad_x, grad_down, grad_up, None
 
 
 class EmbeddingLoRADelta(LoRADelta):
