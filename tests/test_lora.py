@@ -16,13 +16,13 @@ from conftest import (
     tiny_llama,
     tiny_mlp,
 )
-from oracle import check_layer
+from oracle import check_layer, oracle_forward
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit.adapters import base
-from lorakit.adapters.deltas import LoRAProduct
+from lorakit.adapters.deltas import LoRALinear, LoRAProduct
 
 
 def make_layer(kind: str, bias: bool, dtype: torch.dtype) -> nn.Module:
@@ -111,6 +111,60 @@ def test_the_lora_product_backward_is_its_derivative(frozen: str) -> None:
     torch.testing.assert_close(y, 0.5 * x @ (up @ down).T)  # the function itself: s·ΔW·x
     y.sum().backward()
     assert (x.grad is None) == (frozen == "x") and (down.grad is None) == (frozen == "down")
+
+
+@pytest.mark.parametrize("frozen", ["none", "x", "bias"])
+def test_the_fused_lora_linear_is_base_plus_update_and_its_backward_is_its_derivative(frozen: str) -> None:
+    """LoRALinear (base layer and LoRA as one function) equals x·Wᵀ + b + s·x·(B·A)ᵀ, and its backward passes
+    torch.autograd.gradcheck in float64, with a frozen input or bias left out."""
+    x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=frozen != "x")  # [batch, seq, in]
+    weight = torch.randn(4, 7, dtype=torch.float64)  # [out, in], frozen
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=frozen != "bias")  # [out]
+    down = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)  # [r, in]
+    up = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)  # [out, r]
+    fused = lambda x, bias, down, up: LoRALinear.apply(x, weight, bias, down, up, 0.5)
+    assert torch.autograd.gradcheck(fused, (x, bias, down, up))
+    y = fused(x, bias, down, up)
+    torch.testing.assert_close(y, x @ (weight + 0.5 * up @ down).T + bias)
+    y.sum().backward()
+    assert (x.grad is None) == (frozen == "x") and (bias.grad is None) == (frozen == "bias")
+
+
+@pytest.mark.parametrize(("case", "fused"), [
+    ("float32", True), ("bfloat16 native", True), ("bfloat16 emulated", False), ("dropout training", False),
+    ("dropout eval", True), ("two adapters", False), ("dora", False), ("conv1d", False), ("trainable weight", False),
+])
+def test_a_plain_lora_on_a_dense_layer_runs_fused_and_matches_the_float64_oracle(
+        monkeypatch: pytest.MonkeyPatch, case: str, fused: bool) -> None:
+    """The fused path is taken exactly where its numerics are the general path's (one plain LoRA, no dropout at work,
+    a frozen nn.Linear whose products run in its own dtype), gives the float64 oracle's output and gradients, and on a
+    half-precision base keeps no float32 copy of the input for backward."""
+    monkeypatch.setattr(base, "cpu_has_native_bf16", lambda: case != "bfloat16 emulated")
+    dtype = torch.bfloat16 if case.startswith("bfloat16") else torch.float32
+    model = make_layer("conv1d" if case == "conv1d" else "linear", True, dtype)  # 10 -> 6
+    config = lorakit.LoraConfig(r=2, target_modules=["proj"], use_dora=case == "dora",
+                                lora_dropout=0.5 if case.startswith("dropout") else 0.0)
+    lorakit.adapt(model, config)
+    if case == "two adapters":
+        lorakit.adapt(model, config, "second")
+        lorakit.set_adapter(model, ["default", "second"])
+    if case == "trainable weight":
+        model.proj.base_layer.weight.requires_grad_(True)
+    randomize_adapters(model)
+    model.train(case != "dropout eval")
+    x = torch.randn(3, 4, 10, dtype=dtype, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = model(x)
+    assert (y.grad_fn.name() == "LoRALinearBackward") == fused
+    if fused and dtype == torch.bfloat16:
+        assert not any(t.dtype == torch.float32 and t.shape[-1] == 10 and t.numel() == x.numel() for t in saved)
+    if case == "two adapters":  # the oracle reports one adapter's gradients; its output holds both
+        torch.testing.assert_close(y.double(), oracle_forward(model.proj, x, model.proj.weight.detach())[0],
+                                   rtol=1e-5, atol=1e-5)
+    elif not case.startswith("dropout"):
+        tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        check_layer(model.proj, x.detach(), rtol=tolerance, atol=tolerance)
 
 
 def test_gaussian_init_and_identity_at_init(kind: str) -> None:

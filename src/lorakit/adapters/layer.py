@@ -16,8 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import base_bias, base_dims, dense_weight, frozen_linear_forward, is_conv1d, stored_transposed
-from .deltas import HeadTokensDelta, LoRADelta, TrainableTokensDelta, VeRADelta
+from .base import (
+    FrozenLinear,
+    base_bias,
+    base_dims,
+    dense_weight,
+    frozen_linear_forward,
+    is_conv1d,
+    matmul_dtype,
+    stored_transposed,
+)
+from .deltas import HeadTokensDelta, LoRADelta, LoRALinear, TrainableTokensDelta, VeRADelta
 
 Delta = LoRADelta | VeRADelta | TrainableTokensDelta | HeadTokensDelta
 
@@ -133,6 +142,10 @@ class AdaptedLinear(nn.Module):
         self.adapters[name] = adapter
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        fused = None if args or kwargs else self._fusable_lora(x)
+        if fused is not None:
+            base = self.base_layer
+            return LoRALinear.apply(x, base.weight, base.bias, *fused.delta.factors(), fused.scaling)
         base_out = frozen_linear_forward(self.base_layer, x) if not (args or kwargs) else \
             self.base_layer(x, *args, **kwargs)
         if self.disabled:
@@ -146,6 +159,22 @@ class AdaptedLinear(nn.Module):
         for more in updates[1:]:
             total = total + more
         return base_out + total.to(base_out.dtype)
+
+    def _fusable_lora(self, x: Tensor) -> Adapter | None:
+        """The one live adapter when base and update can run as one `LoRALinear`: a plain LoRA, with no dropout at
+        work, on a frozen dense nn.Linear whose products run in its own dtype (the common training case)."""
+        base = self.base_layer
+        if self.disabled or self.routing is not None or type(base) not in (nn.Linear, FrozenLinear):
+            return None
+        live = [name for name in self.active if name not in self.merged]
+        if len(live) != 1:
+            return None
+        adapter = self.adapters[live[0]]
+        weight = base.weight
+        plain = type(adapter.delta) is LoRADelta and not adapter.use_dora
+        no_dropout = isinstance(adapter.dropout, nn.Identity) or not adapter.dropout.training
+        native = x.dtype == weight.dtype and matmul_dtype(weight.dtype, weight.device) == weight.dtype
+        return adapter if plain and no_dropout and native and not weight.requires_grad else None
 
     def _forward_routed(self, x: Tensor, base_out: Tensor) -> Tensor:
         """Each sample (dim 0) gets its own adapter: one gather, update and scatter-add per adapter, not per sample."""
