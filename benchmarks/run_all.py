@@ -1,6 +1,6 @@
 """Run the benchmark suite and rewrite RESULTS.md and the PNG plots: `make bench` (full) or `make bench-quick`.
 
-    python benchmarks/run_all.py                      # everything, about 2 hours on 2 cores -> benchmarks/RESULTS.md
+    python benchmarks/run_all.py                      # everything, about 3 hours on 2 cores -> benchmarks/RESULTS.md
     python benchmarks/run_all.py --quick              # a smoke run, ≤ 5 min -> benchmarks/quick/RESULTS.md
     python benchmarks/run_all.py --parts nf4,inference  # re-run some parts; the others keep their last figures
 
@@ -51,12 +51,11 @@ PARTS = (
     Part("init_claims", "claim_init.py"),
     Part("big_base", "bench_big_base.py"),  # full: the TinyLlama-1.1B shape; --quick: the tiny shape
     Part("main_job", "bench_main_job.py",
-         ("--model", "smollm2-135m", "--steps", "60", "--eval-samples", "100", "--datasets", "builtin,chat",
-          "--seeds", "0"),
+         ("--model", "smollm2-135m", "--steps", "60", "--eval-samples", "100", "--datasets", "builtin,chat"),
          ("--quick",)),
     Part("main_job_bf16", "bench_main_job.py",
          ("--model", "smollm2-135m", "--steps", "60", "--eval-samples", "100", "--datasets", "builtin,chat",
-          "--dtype", "bfloat16"),
+          "--dtype", "bfloat16", "--seeds", "0,1,2,3,4"),
          ("--quick", "--dtype", "bfloat16")),
 )
 PEERS = ("torch", "transformers", "peft", "bitsandbytes", "torchao")
