@@ -69,6 +69,37 @@ def test_size_aware_attention_matches_the_float64_oracle(name: str, small: bool,
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-3)  # float32 sums over the batch
 
 
+def test_the_eager_branch_of_a_bfloat16_model_computes_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a bfloat16 model, small calls are as accurate as the model's SDPA (which accumulates in float32) against
+    a float64 oracle, where the model file's eager attention in bfloat16 rounds scores and probabilities; the
+    output and its gradients stay bfloat16."""
+    model = tiny_llama().to(torch.bfloat16)
+    size_aware_attention(model)
+    module = model.model.layers[0].self_attn
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    generator = torch.Generator().manual_seed(0)
+    head_dim, kv_heads = module.head_dim, model.config.num_key_value_heads
+    query = (3 * torch.randn(4, model.config.num_attention_heads, 32, head_dim, generator=generator)).bfloat16()
+    key, value = (torch.randn(4, kv_heads, 32, head_dim, generator=generator).bfloat16() for _ in range(2))
+    mask = torch.triu(torch.full((32, 32), torch.finfo(torch.bfloat16).min), 1)[None, None].bfloat16()  # causal
+    scaling = head_dim ** -0.5
+    expected = eager(module, query.double(), key.double(), value.double(), mask.double(), scaling=scaling)[0]
+
+    def error(out: torch.Tensor) -> float:
+        return (out.double() - expected).abs().mean().item()
+
+    calls = spy_on_eager(model, monkeypatch)
+    query.requires_grad_(True)
+    got = attention._attention(module, query, key, value, mask, scaling=scaling)[0]
+    assert calls and got.dtype == torch.bfloat16
+    got.sum().backward()
+    assert query.grad.dtype == torch.bfloat16
+    with torch.no_grad():
+        sdpa = attention.sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)[0]
+        plain = eager(module, query, key, value, mask, scaling=scaling)[0]
+    assert error(got) <= 1.1 * error(sdpa) < error(plain)
+
+
 def test_the_limit_counts_score_elements_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_llama()
     size_aware_attention(model)

@@ -13,6 +13,12 @@ eager while batch·heads·q·k ≤ EAGER_MAX_SCORES and the tensors are on the C
 file's own `eager_attention_forward` (which also keeps model-specific terms); a model file without one keeps SDPA.
 Both read the same additive float mask (transformers' eager mask, which SDPA accepts), so each call's choice is free.
 Only models that run SDPA are switched; any other implementation the user chose stays.
+
+On a half-precision model the eager branch runs in float32 and rounds only its output, as SDPA's CPU kernel
+accumulates in float32. A model file's eager attention rounds the scores Q·Kᵀ and the probabilities to bfloat16
+(8-bit mantissa: a score of 20 moves by up to 0.06): for one SmolLM2-shaped call (9 heads of 64, 8 × 30 tokens,
+causal), its mean error against float64 is 1.5–2.7× SDPA's, in float32 it is 0.9× SDPA's. The float32 branch costs
+about 4% of a bfloat16 training step on short examples (528 vs 507 ms interleaved, built-in task), 1% on chat ones.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 IMPLEMENTATION = "lorakit_size_aware"
-EAGER_MAX_SCORES = 1 << 21  # score elements per call: 12 MiB kept for backward in bfloat16 (6 bytes each)
+EAGER_MAX_SCORES = 1 << 21  # score elements per call: 16 MiB kept for backward (the float32 probabilities)
 
 
 def size_aware_attention(model: nn.Module) -> bool:
@@ -47,7 +54,10 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
     batch, heads, q_len, _ = query.shape
     eager = _eager_of(module)
     if eager is not None and query.device.type == "cpu" and batch * heads * q_len * key.shape[2] <= EAGER_MAX_SCORES:
-        return eager(module, query, key, value, attention_mask, **kwargs)
+        if query.dtype not in (torch.float16, torch.bfloat16):
+            return eager(module, query, key, value, attention_mask, **kwargs)
+        out, weights = eager(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+        return out.to(query.dtype), None if weights is None else weights.to(query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
