@@ -136,6 +136,11 @@ class AdaptedLinear(nn.Module):
         """The base weight [out, in] (dequantized for quantized bases)."""
         return dense_weight(self.base_layer)
 
+    @property
+    def live(self) -> list[str]:
+        """The active adapters that are not merged into W: those whose updates the forward adds."""
+        return [name for name in self.active if name not in self.merged]
+
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer; delete it first or choose another name")
@@ -152,7 +157,7 @@ class AdaptedLinear(nn.Module):
             return base_out
         if self.routing is not None:
             return self._forward_routed(x, base_out)
-        updates = [self.adapters[n].update(x, base_out, self) for n in self.active if n not in self.merged]
+        updates = [self.adapters[n].update(x, base_out, self) for n in self.live]
         if not updates:
             return base_out
         total = updates[0]
@@ -166,7 +171,7 @@ class AdaptedLinear(nn.Module):
         base = self.base_layer
         if self.disabled or self.routing is not None or type(base) not in (nn.Linear, FrozenLinear):
             return None
-        live = [name for name in self.active if name not in self.merged]
+        live = self.live
         if len(live) != 1:
             return None
         adapter = self.adapters[live[0]]
